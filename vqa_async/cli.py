@@ -1,0 +1,98 @@
+"""The one entry point: `vqa-async serve | cluster | eval | convert | synth`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("vqa_async")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vqa_async.model.answer import Answerer
+    from vqa_async.model.loader import load_model
+    from vqa_async.tools.evaluate import evaluate
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype)
+    dump = open(args.dump, "w", encoding="utf-8") if args.dump else None  # noqa: SIM115
+    try:
+        result = evaluate(loaded, answerer, limit=args.limit, batch_size=args.batch_size, dump=dump)
+    finally:
+        if dump:
+            dump.close()
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from vqa_async.model.loader import parse_dtype
+    from vqa_async.tools.convert import convert
+
+    report = convert(args.src, args.dst, dtype=parse_dtype(args.dtype))
+    for line in report.lines():
+        print(line)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from vqa_async.model.loader import parse_dtype
+    from vqa_async.tools.synth import synth
+
+    n = synth(args.preset, args.dst, dtype=parse_dtype(args.dtype) or __import__("torch").float16, seed=args.seed)
+    print(f"wrote {args.dst}: preset {args.preset}, {n / 1e6:.1f} M parameters, {args.dtype}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vqa-async", description="Serve ModelScope's mPLUG VQA model.")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ev = sub.add_parser("eval", help="accuracy on the easy-VQA test split")
+    ev.add_argument("--model", default=None, help="serving directory (default: the shipped demo model)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--limit", type=int, default=None, help="first N questions only")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--dump", default=None, help="write one JSON line per question: question, answer, label")
+    ev.set_defaults(func=cmd_eval)
+
+    cv = sub.add_parser("convert", help="ModelScope model directory -> serving directory")
+    cv.add_argument("src")
+    cv.add_argument("dst")
+    cv.add_argument("--dtype", default="auto", help="float32 | float16 | bfloat16 (default: keep)")
+    cv.set_defaults(func=cmd_convert)
+
+    sy = sub.add_parser("synth", help="random-weight replica of mPLUG with the real shapes")
+    sy.add_argument("--preset", choices=["large", "base", "demo"], default="large")
+    sy.add_argument("dst")
+    sy.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
+    sy.add_argument("--seed", type=int, default=0)
+    sy.set_defaults(func=cmd_synth)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    from vqa_async.model.loader import ModelLoadError
+    from vqa_async.tools.convert import ConvertError
+
+    try:
+        return int(args.func(args))
+    except (ModelLoadError, ConvertError, ValueError) as e:
+        print(f"vqa-async {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

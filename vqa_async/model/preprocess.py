@@ -1,0 +1,118 @@
+"""Image and question preprocessing, identical to ModelScope's `MPlugPreprocessor` for ordinary RGB images.
+
+Differences, on purpose: EXIF orientation is applied (a phone photo is upright, as the user saw it), and an
+image with transparency is composited on white instead of having its alpha channel dropped (which turns
+transparent pixels into whatever colour they happen to store, often black).
+
+Everything here is CPU work meant for a worker thread, never the event loop.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision import transforms
+from transformers import BertTokenizer
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+QUESTION_MAX_TOKENS = 25  # MPlugPreprocessor's tokenizer_max_length
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO"})
+
+
+class ImageError(ValueError):
+    """An upload that is not a usable image. `code` is the stable error code the API returns."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Bytes to an upright RGB image, or an ImageError naming what is wrong."""
+    if not data:
+        raise ImageError("empty_image", "the image file is empty")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (DecompressionBombWarning) before it refuses; we refuse on our own, smaller limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.format not in ALLOWED_FORMATS:
+                raise ImageError("unsupported_image_format",
+                                 f"image format {img.format} is not supported; send JPEG, PNG, GIF, BMP, WEBP or TIFF")
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError("image_too_large", f"the image has {w}x{h} pixels, more than the {max_pixels} allowed")
+            img.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError("image_too_large", f"the image has too many pixels: {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageError("invalid_image", "the file is not an image that can be read") from e
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise ImageError("invalid_image", f"the image data is damaged or truncated: {e}") from e
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def image_transform(image_res: int) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize((image_res, image_res), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
+    ])
+
+
+@dataclass(frozen=True)
+class EncodedQuestions:
+    input_ids: torch.Tensor  # (N, 25) long
+    attention_mask: torch.Tensor  # (N, 25) long
+
+
+class QuestionTokenizer:
+    """ModelScope's tokenization (BertTokenizer on the model's vocab.txt, lowercased, padded to 25 tokens).
+
+    One tokenizer per thread: handlers tokenize from a thread pool, and sharing one tokenizer object between
+    threads is not something the tokenizers promise to be safe.
+    """
+
+    def __init__(self, vocab_dir: str, max_tokens: int = QUESTION_MAX_TOKENS) -> None:
+        self._vocab_dir = vocab_dir
+        self.max_tokens = max_tokens
+        self._local = threading.local()
+        self.tokenizer  # noqa: B018 - fail at load time, not at the first request
+
+    @property
+    def tokenizer(self) -> BertTokenizer:
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = BertTokenizer.from_pretrained(self._vocab_dir)
+            self._local.tokenizer = tok
+        return tok
+
+    def encode(self, questions: list[str]) -> EncodedQuestions:
+        enc = self.tokenizer([q.lower() for q in questions], padding="max_length", truncation=True,
+                             max_length=self.max_tokens, return_tensors="pt")
+        return EncodedQuestions(enc.input_ids, enc.attention_mask)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))

@@ -1,0 +1,29 @@
+"""The serving weights file: `model.safetensors` with exactly the tensors inference uses, each once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from vqa_async.model.architecture import WEIGHTS_NAME, serving_keys
+
+
+def save_serving_weights(model: nn.Module, dst: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:
+    """Writes the model's serving tensors (tied ones once) to `dst/model.safetensors`, atomically."""
+    keys = serving_keys(model)
+    state = model.state_dict()
+    tensors = {}
+    for k in sorted(keys):
+        t = state[k].detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[k] = t.contiguous().cpu()
+    path = Path(dst) / WEIGHTS_NAME
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "vqa-async"})
+    os.replace(tmp, path)
+    return path
