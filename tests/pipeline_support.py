@@ -214,10 +214,10 @@ def install_stand_ins() -> None:
 def make_reference_model_dir(path: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write a tiny random-weight mPLUG VQA model directory that the unmodified ModelScope pipeline loads.
 
-    The weights are `MPlugForVisualQuestionAnswering(config)`'s own initialisation under `torch.manual_seed(seed)`,
-    with the visual position embedding (upstream starts it at zeros) drawn at random and the decoder's word
-    embeddings and output bias scaled up, so that the beam search gives answers of several tokens that depend on
-    the image and the question instead of [SEP] at once. Returns the absolute path."""
+    The weights are `MPlugForVisualQuestionAnswering(config)` built under `torch.manual_seed(seed)`, with the text
+    side redrawn (see `_liven`) so that the beam search gives answers that depend on the image and the question,
+    often several tokens long, instead of [SEP] or one fixed token chain. Deterministic for a given seed.
+    Returns the absolute path."""
     import torch
 
     d = Path(path).resolve()
@@ -237,16 +237,52 @@ def make_reference_model_dir(path: str | os.PathLike[str], seed: int = 0) -> Pat
     config.model_dir = str(d)
     torch.manual_seed(seed)
     model = MPlugForVisualQuestionAnswering(config)
-    gen = torch.Generator().manual_seed(seed + 1)
+    _liven(model, vocab, torch.Generator().manual_seed(seed + 1))
+    torch.save(model.state_dict(), d / WEIGHTS_NAME)
+    return d
+
+
+def _liven(model: Any, vocab: list[str], gen: Any) -> None:
+    """Redraw the text side so that a random model gives varied, word-like answers of varying length.
+
+    BERT's own initialisation (std 0.02) leaves every layer's contribution tiny next to the decoder's token
+    embedding, so the beam search is a fixed token chain whatever the image or question. Redrawn here: the
+    linear layers of the text encoder, fusion encoder and decoder at 1.5/sqrt(fan_in), their embeddings at std 1,
+    the visual position embedding (upstream starts it at zeros) at std 0.5, and the decoder's output bias: small
+    noise, [SEP] at +2.5 so answers end at various lengths, whole words +1, `##` pieces -1, punctuation -2, and
+    the other bracketed specials and [unusedN] at -10."""
+    import math
+
+    import torch
+
     with torch.no_grad():
         pos = model.visual_encoder.visual.positional_embedding
         pos.copy_(torch.randn(pos.shape, generator=gen) * 0.5)
-        emb = model.text_decoder.bert.embeddings.word_embeddings.weight
-        emb.copy_(torch.randn(emb.shape, generator=gen))
-        head = model.text_decoder.cls.predictions
-        head.bias.copy_(torch.randn(head.bias.shape, generator=gen) * 2.0)
-    torch.save(model.state_dict(), d / WEIGHTS_NAME)
-    return d
+        done: set[int] = set()  # the decoder's output matrix is tied to its word embeddings
+        for part in (model.text_encoder, model.fusion_encoder, model.text_decoder):
+            for module in part.modules():
+                if isinstance(module, torch.nn.Linear):
+                    std = 1.5 / math.sqrt(module.in_features)
+                elif isinstance(module, torch.nn.Embedding):
+                    std = 1.0
+                else:
+                    continue
+                if id(module.weight) not in done:
+                    done.add(id(module.weight))
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+        bias = model.text_decoder.cls.predictions.bias
+        bias.copy_(torch.randn(bias.shape, generator=gen) * 0.3)
+        for i, token in enumerate(vocab):
+            if token == "[SEP]":
+                bias[i] = 2.5
+            elif len(token) > 1 and token.startswith("[") and token.endswith("]"):
+                bias[i] = -10.0
+            elif token.startswith("##"):
+                bias[i] -= 1.0
+            elif len(token) == 1 and not token.isalnum():
+                bias[i] -= 2.0
+            elif len(token) > 1:
+                bias[i] += 1.0
 
 
 def reference_pipeline(model_dir: str | os.PathLike[str]) -> Any:

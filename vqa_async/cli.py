@@ -15,6 +15,28 @@ def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from vqa_async.app import init_app
+    from vqa_async.config import settings_from_args
+
+    settings = settings_from_args(args)
+    logging.getLogger().setLevel(settings.log_level)
+    app = init_app(settings)
+    where = f"unix:{settings.unix_socket}" if settings.unix_socket else f"http://{settings.host}:{settings.port}"
+    log.info("serving on %s", where)
+    # SIGTERM/SIGINT: stop accepting, let the handlers in flight (and so everything queued) finish, then the
+    # cleanup_ctx stops the batcher and the model thread. A client that disconnects cancels its handler, so
+    # its work is skipped before it reaches the model.
+    web.run_app(app, host=None if settings.unix_socket else settings.host,
+                port=None if settings.unix_socket else settings.port, path=settings.unix_socket,
+                shutdown_timeout=settings.shutdown_timeout_s, handler_cancellation=True, print=None,
+                access_log=None)
+    log.info("stopped")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from vqa_async.model.answer import Answerer
     from vqa_async.model.loader import load_model
@@ -53,9 +75,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vqa_async.config import add_arguments
+
     p = argparse.ArgumentParser(prog="vqa-async", description="Serve ModelScope's mPLUG VQA model.")
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="command", required=True)
+
+    sv = sub.add_parser("serve", help="one micro-batching HTTP server process")
+    add_arguments(sv, exclude=("log_level",))
+    sv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="accuracy on the easy-VQA test split")
     ev.add_argument("--model", default=None, help="serving directory (default: the shipped demo model)")
@@ -89,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except (ModelLoadError, ConvertError, ValueError) as e:
+    except (ModelLoadError, ConvertError, ValueError, OSError) as e:
         print(f"vqa-async {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: the shipped demo model, loaded once, and random-weight models for strict comparisons."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqa_async.model.answer import Answerer
+from vqa_async.model.loader import DEMO_MODEL_DIR, LoadedModel, load_model
+from vqa_async.tools.synth import synth
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    return DEMO_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def demo(demo_dir: Path) -> LoadedModel:
+    return load_model(demo_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_answerer(demo: LoadedModel) -> Answerer:
+    return Answerer(demo.model, demo.tokenizer, demo.device, demo.dtype)
+
+
+@pytest.fixture(scope="session")
+def random_demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo architecture with random weights: every token is arbitrary, so equality is a strict test."""
+    d = tmp_path_factory.mktemp("random_demo")
+    synth("demo", d, dtype=torch.float32, seed=1, progress=False)
+    return d
+
+
+@pytest.fixture(scope="session")
+def random_demo(random_demo_dir: Path) -> LoadedModel:
+    return load_model(random_demo_dir)
+
+
+@pytest.fixture(scope="session")
+def easy_vqa_images() -> Iterator[list[Path]]:
+    import easy_vqa
+
+    paths = easy_vqa.get_test_image_paths()
+    yield [Path(paths[i]) for i in sorted(paths)[:8]]

@@ -1,0 +1,118 @@
+"""Preprocessing equals ModelScope's MPlugPreprocessor on ordinary images, and handles the ones it gets wrong."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vqa_async.model.loader import LoadedModel
+from vqa_async.model.preprocess import ImageError, QuestionTokenizer, decode_image, image_transform
+
+
+@pytest.fixture(scope="module")
+def mplug_preprocessor(demo_dir: Path):  # type: ignore[no-untyped-def]
+    from pipeline_support import install_stand_ins
+
+    install_stand_ins()
+    from modelscope.preprocessors.multi_modal import MPlugPreprocessor
+
+    return MPlugPreprocessor(str(demo_dir))
+
+
+def _png(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [(64, 64), (97, 41), (300, 200)])
+@pytest.mark.parametrize("question", ["What color is the shape?", "IS THERE A RED CIRCLE", "a " * 40])
+def test_equal_to_mplug_preprocessor(mplug_preprocessor, demo: LoadedModel, size: tuple[int, int],  # type: ignore[no-untyped-def]
+                                     question: str) -> None:
+    g = torch.Generator().manual_seed(size[0])
+    arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    img = Image.fromarray(arr, "RGB")
+    ref = mplug_preprocessor({"image": img, "text": question})
+    ours_px = image_transform(demo.image_res)(decode_image(_png(img), max_pixels=10**8))
+    ours_q = demo.tokenizer.encode([question])
+    assert torch.equal(ours_px, ref["image"][0])
+    assert torch.equal(ours_q.input_ids, ref["question"].input_ids)
+    assert torch.equal(ours_q.attention_mask, ref["question"].attention_mask)
+
+
+def test_rgba_is_composited_on_white() -> None:
+    img = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    img.putpixel((0, 0), (0, 0, 255, 255))
+    rgb = decode_image(_png(img), max_pixels=10**6)
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((1, 1)) == (255, 255, 255)
+    assert rgb.getpixel((0, 0)) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "LA", "CMYK", "I;16"])
+def test_other_modes_become_rgb(mode: str) -> None:
+    img = Image.new("RGB", (10, 10), (10, 200, 30)).convert(mode) if mode != "I;16" else Image.new("I;16", (10, 10))
+    fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "LA" else "PNG")
+    assert decode_image(_png(img, fmt), max_pixels=10**6).mode == "RGB"
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    rotated = decode_image(_png(img, "JPEG", exif=exif), max_pixels=10**6)
+    assert rotated.size == (20, 40)
+
+
+@pytest.mark.parametrize("data, code", [
+    (b"", "empty_image"),
+    (b"hello, this is not an image", "invalid_image"),
+    (_png(Image.new("RGB", (64, 64)))[:60], "invalid_image"),
+])
+def test_bad_bytes_are_image_errors(data: bytes, code: str) -> None:
+    with pytest.raises(ImageError) as e:
+        decode_image(data, max_pixels=10**6)
+    assert e.value.code == code
+
+
+def test_too_many_pixels_is_refused_before_decoding() -> None:
+    data = _png(Image.new("L", (4000, 4000)))
+    with pytest.raises(ImageError) as e:
+        decode_image(data, max_pixels=10**6)
+    assert e.value.code == "image_too_large"
+
+
+def test_unsupported_format() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "ICO")
+    with pytest.raises(ImageError) as e:
+        decode_image(buf.getvalue(), max_pixels=10**6)
+    assert e.value.code == "unsupported_image_format"
+
+
+def test_tokenizer_is_safe_from_many_threads(demo_dir: Path) -> None:
+    tok = QuestionTokenizer(str(demo_dir))
+    questions = [f"what color is shape number {i}?" for i in range(64)]
+    expected = tok.encode(questions).input_ids
+    results: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                results.append(tok.encode(questions).input_ids)
+        except BaseException as e:  # noqa: BLE001 - the test reports whatever went wrong
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 160 and all(torch.equal(r, expected) for r in results)

@@ -1,0 +1,180 @@
+"""The one thread that owns the model.
+
+The batcher task (on the event loop) collects a batch and hands it here; this thread skips work nobody waits for,
+runs the vision encoder once per distinct image not in the cache, answers every question in one call, and replies
+to each request's future with `loop.call_soon_threadsafe`. A batch that raises is split and retried, so that only
+a request that fails on its own gets an error; out-of-memory also lowers the batch cap for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from vqa_async.batching.cache import ImageEmbeddingCache
+from vqa_async.batching.work import WorkItem
+from vqa_async.metrics import Metrics
+from vqa_async.model.answer import Answered, Answerer
+from vqa_async.model.preprocess import EncodedQuestions
+
+log = logging.getLogger(__name__)
+
+OOM_COOLDOWN_S = 30.0
+
+
+class ItemFailed(Exception):
+    """A request that failed on its own; `error_id` is in the log next to the traceback."""
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(f"the model failed on this request (error id {error_id})")
+        self.error_id = error_id
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class ModelExecutor:
+    def __init__(self, metrics: Metrics, max_batch_size: int, cache: ImageEmbeddingCache) -> None:
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.cache = cache
+        self.answerer: Answerer | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa-model")
+        self._thread: threading.Thread | None = None
+        self._cap = max_batch_size
+        self._cap_until = 0.0
+        metrics.batch_cap.set(max_batch_size)
+
+    # -- lifetime ---------------------------------------------------------------------------------------------
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs `fn` on the model thread (loading the model there too, so one thread ever touches it)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def start(self, load: Callable[[], Answerer]) -> None:
+        def _load() -> Answerer:
+            self._thread = threading.current_thread()
+            return load()
+
+        self.answerer = await self.call(_load)
+
+    def alive(self) -> bool:
+        return self.answerer is not None and self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- batches ----------------------------------------------------------------------------------------------
+    @property
+    def cap(self) -> int:
+        if self._cap < self.max_batch_size and time.monotonic() > self._cap_until:
+            self._cap = min(self.max_batch_size, self._cap * 2)
+            self._cap_until = time.monotonic() + OOM_COOLDOWN_S
+            self.metrics.batch_cap.set(self._cap)
+        return self._cap
+
+    async def run(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem]) -> None:
+        await self.call(self._run_batch, loop, batch)
+
+    def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem]) -> None:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            reason = item.is_dead(now)
+            if reason is None:
+                live.append(item)
+                continue
+            self.metrics.dropped.labels(reason).inc()
+            if reason == "deadline":
+                loop.call_soon_threadsafe(_settle, item.future, None, TimeoutError("deadline passed in the queue"))
+        if live:
+            self._run_or_split(loop, live)
+
+    def _run_or_split(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> None:
+        try:
+            results = self._answer(items)
+        except Exception as e:  # noqa: BLE001 - any failure: find who causes it, serve the others
+            kind = "oom" if is_oom(e) else "error"
+            self.metrics.batch_failures.labels(kind).inc()
+            if kind == "oom":
+                self._lower_cap(sum(i.size for i in items))
+            if len(items) > 1:
+                log.warning("a batch of %d requests failed (%s: %s); splitting it", len(items), type(e).__name__, e)
+                half = len(items) // 2
+                self._run_or_split(loop, items[:half])
+                self._run_or_split(loop, items[half:])
+                return
+            error_id = uuid.uuid4().hex[:12]
+            log.error("request failed in the model [error id %s]", error_id, exc_info=e)
+            loop.call_soon_threadsafe(_settle, items[0].future, None, ItemFailed(error_id))
+            return
+        for item, answers in zip(items, results, strict=True):
+            loop.call_soon_threadsafe(_settle, item.future, answers, None)
+
+    def _lower_cap(self, size: int) -> None:
+        self._cap = max(1, min(self._cap, size) // 2)
+        self._cap_until = time.monotonic() + OOM_COOLDOWN_S
+        self.metrics.batch_cap.set(self._cap)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("out of memory: batch cap lowered to %d for %.0fs", self._cap, OOM_COOLDOWN_S)
+
+    def _answer(self, items: list[WorkItem]) -> list[list[Answered]]:
+        assert self.answerer is not None, "model not loaded"
+        t0 = time.monotonic()
+        for item in items:
+            item.started_at = t0
+            self.metrics.queue_wait.observe(t0 - item.enqueued_at)
+        # One vision pass per distinct image that the cache does not hold.
+        keys = list(dict.fromkeys(i.image_key for i in items))
+        embeds: dict[str, torch.Tensor] = {}
+        misses = []
+        for k in keys:
+            hit = self.cache.get(k)
+            if hit is not None:
+                embeds[k] = hit
+            else:
+                misses.append(k)
+        self.metrics.cache_hits.inc(len(keys) - len(misses))
+        self.metrics.cache_misses.inc(len(misses))
+        if misses:
+            first = {i.image_key: i for i in reversed(items)}
+            fresh = self.answerer.encode_images(torch.stack([first[k].pixels for k in misses]))
+            for k, e in zip(misses, fresh):
+                embeds[k] = e
+                # A row of a batch tensor would keep the whole batch alive in the cache: keep a copy of the row.
+                self.cache.put(k, e.clone() if len(misses) > 1 else e)
+        rows = [embeds[i.image_key] for i in items for _ in range(i.size)]
+        questions = EncodedQuestions(torch.cat([i.input_ids for i in items]),
+                                     torch.cat([i.attention_mask for i in items]))
+        answers = self.answerer.answer_embedded(torch.stack(rows), questions)
+        n = sum(i.size for i in items)
+        if len(answers) != n:  # every future is answered, with the answer that is its own
+            raise RuntimeError(f"the model returned {len(answers)} answers for {n} questions")
+        compute = time.monotonic() - t0
+        self.metrics.batch_size.observe(n)
+        self.metrics.batch_images.observe(len(keys))
+        self.metrics.compute.observe(compute)
+        out, at = [], 0
+        for item in items:
+            item.compute_s, item.batch_size = compute, n
+            out.append(answers[at:at + item.size])
+            at += item.size
+        return out
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

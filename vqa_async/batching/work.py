@@ -1,0 +1,40 @@
+"""A request on its way to the model."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from vqa_async.model.answer import Answered
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One request: one image and its questions. `future` gets one Answered per question."""
+
+    image_key: str  # sha256 of the uploaded bytes: equal images share a vision-encoder pass and the cache
+    pixels: torch.Tensor  # (3, R, R), preprocessed off the event loop
+    input_ids: torch.Tensor  # (Q, 25)
+    attention_mask: torch.Tensor  # (Q, 25)
+    future: asyncio.Future[list[Answered]]
+    deadline: float  # time.monotonic() after which nobody waits for the answer
+    enqueued_at: float = field(default_factory=time.monotonic)
+    # Filled in by the executor thread, for the response's timings.
+    started_at: float = 0.0
+    compute_s: float = 0.0
+    batch_size: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def is_dead(self, now: float) -> str | None:
+        """Why this item should not reach the model, if it should not."""
+        if now > self.deadline:
+            return "deadline"
+        if self.future.done():  # cancelled: the client left
+            return "client_left"
+        return None

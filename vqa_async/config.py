@@ -1,0 +1,126 @@
+"""Settings: one typed object, validated when built. Command-line flags override `VQA_*` environment variables,
+which override the defaults; some defaults depend on the device."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "VQA_"
+
+
+def _default_device() -> str:
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "cpu"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = field(default=None, metadata={"help": "serving directory (default: the shipped demo model)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    unix_socket: str | None = field(default=None, metadata={"help": "listen on this unix socket instead of TCP"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    dtype: str = field(default="auto", metadata={"help": "float16, bfloat16, float32 or auto (fp16 on CUDA)"})
+    max_batch_size: int = field(default=0, metadata={"help": "questions per model call (0: 16 on CPU, 64 on CUDA)"})
+    max_wait_ms: float = field(default=-1.0, metadata={
+        "help": "longest wait for more work when requests are on their way (-1: 5 ms on CPU, 2 ms on CUDA)"})
+    max_queue: int = field(default=256, metadata={"help": "requests waiting for the model before 503"})
+    timeout_s: float = field(default=30.0, metadata={"help": "deadline of a request, from arrival (504 after)"})
+    max_body_mb: float = field(default=10.0, metadata={"help": "largest request body (413 above)"})
+    max_pixels: int = field(default=40_000_000, metadata={"help": "largest image, in pixels (decompression bombs)"})
+    max_questions: int = field(default=16, metadata={"help": "questions per request"})
+    max_question_chars: int = field(default=512, metadata={"help": "longest question, in characters"})
+    decoder: str = field(default="reference", metadata={"help": "reference (ModelScope's beam search) or fast"})
+    image_cache_entries: int = field(default=512, metadata={"help": "image embeddings kept for follow-up questions"})
+    image_cache_mb: float = field(default=256.0, metadata={"help": "memory bound of that cache"})
+    preprocess_threads: int = field(default=2, metadata={"help": "threads decoding and resizing images"})
+    torch_threads: int = field(default=0, metadata={"help": "intra-op threads of the model (0: torch's default)"})
+    shutdown_timeout_s: float = field(default=30.0, metadata={"help": "how long SIGTERM waits for queued work"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"invalid setting {name}={getattr(self, name)!r}: {why}")
+
+        if self.device == "auto":
+            object.__setattr__(self, "device", _default_device())
+        on_cuda = self.device.startswith("cuda")
+        if self.max_batch_size == 0:
+            object.__setattr__(self, "max_batch_size", 64 if on_cuda else 16)
+        if self.max_wait_ms < 0:
+            object.__setattr__(self, "max_wait_ms", 2.0 if on_cuda else 5.0)
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise bad("device", "expected cpu, cuda, cuda:N or auto")
+        if self.dtype not in ("auto", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32"):
+            raise bad("dtype", "expected float16, bfloat16, float32 or auto")
+        if self.decoder not in ("reference", "fast"):
+            raise bad("decoder", "expected reference or fast")
+        if not 0 < self.port < 65536:
+            raise bad("port", "expected 1..65535")
+        for name in ("max_batch_size", "max_queue", "max_pixels", "max_questions", "max_question_chars",
+                     "preprocess_threads"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be at least 1")
+        for name in ("timeout_s", "max_body_mb"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be positive")
+        for name in ("image_cache_entries", "image_cache_mb", "torch_threads", "shutdown_timeout_s"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must not be negative")
+        if self.max_wait_ms > 1000:
+            raise bad("max_wait_ms", "more than a second of waiting is never what you want")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 2**20)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            if key in env:
+                values[f.name] = _coerce(f, env[key])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(f.type)
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"invalid setting {ENV_PREFIX}{f.name.upper()}={raw!r}: expected a number") from None
+    return raw or None if "None" in kind else raw
+
+
+def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per setting (`--max-batch-size`), defaulting to None so that the environment can fill in."""
+    for f in fields(Settings):
+        if f.name in exclude:
+            continue
+        kind = str(f.type)
+        typ: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
+        env = ENV_PREFIX + f.name.upper()
+        parser.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
+                            help=f"{f.metadata.get('help', '')} [env {env}, default {f.default}]")
+
+
+def settings_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
+    names = {f.name for f in fields(Settings)}
+    return Settings.from_env(env, **{k: v for k, v in vars(args).items() if k in names})

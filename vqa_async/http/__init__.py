@@ -1,0 +1,1 @@
+"""The HTTP layer: handlers, errors, the page, metrics and the OpenAPI description."""

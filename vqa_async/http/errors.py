@@ -1,0 +1,72 @@
+"""Errors as JSON: `{"error": {"code": "<stable_code>", "message": "<what to fix>"}}`, never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Codes for aiohttp's own HTTP errors (routing, body size).
+STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+                415: "unsupported_media_type", 503: "not_ready"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_body(code: str, message: str, error_id: str | None = None) -> dict[str, dict[str, str]]:
+    err = {"code": code, "message": message}
+    if error_id:
+        err["error_id"] = error_id
+    return {"error": err}
+
+
+def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def to_api_error(e: BaseException) -> ApiError:
+    """Any exception as the error a client sees. Unexpected ones are logged with an id the response carries."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, web.HTTPException):
+        if e.status == 413:
+            return ApiError(413, "body_too_large", f"the request body is larger than allowed: {e.text or e.reason}")
+        return ApiError(e.status, STATUS_CODES.get(e.status, f"http_{e.status}"), e.reason)
+    error_id = uuid.uuid4().hex[:12]
+    log.error("unexpected error [error id %s]", error_id, exc_info=e)
+    err = ApiError(500, "internal_error", f"something went wrong on our side; error id {error_id}")
+    err.headers["X-Error-Id"] = error_id
+    return err
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        err = to_api_error(e)
+    except ApiError as e:
+        err = e
+    except Exception as e:  # noqa: BLE001 - the one place that turns the unexpected into a logged 500
+        err = to_api_error(e)
+    if request.path == "/vqa":  # the tutorial's response shape
+        body: object = {"status": "error", "message": err.message, "code": err.code}
+    else:
+        body = error_body(err.code, err.message, err.headers.get("X-Error-Id"))
+    return json_response(body, err.status, err.headers)

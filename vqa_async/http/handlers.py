@@ -1,0 +1,97 @@
+"""The API handlers, readable top to bottom: read the input, ask the service, shape the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from vqa_async.batching.executor import ItemFailed
+from vqa_async.batching.service import NotReady, Outcome, Overloaded
+from vqa_async.http.errors import ApiError, Handler, json_response
+from vqa_async.http.keys import METRICS, SERVICE, SETTINGS
+from vqa_async.http.openapi import openapi_spec
+from vqa_async.http.parse import VqaInput, read_vqa_input
+from vqa_async.model.preprocess import ImageError
+
+
+async def ask(request: web.Request, vqa: VqaInput) -> Outcome:
+    """The service's answer, or the ApiError a client should see."""
+    try:
+        return await request.app[SERVICE].ask(vqa.image, vqa.questions)
+    except ImageError as e:
+        raise ApiError(413 if e.code == "image_too_large" else 400, e.code, e.message) from e
+    except Overloaded as e:
+        raise ApiError(503, "overloaded", "too many requests are waiting; retry shortly",
+                       {"Retry-After": "1"}) from e
+    except NotReady as e:
+        raise ApiError(503, "not_ready", str(e), {"Retry-After": "2"}) from e
+    except TimeoutError as e:
+        raise ApiError(504, "timeout", f"no answer within {request.app[SETTINGS].timeout_s:g} s") from e
+    except ItemFailed as e:
+        raise ApiError(500, "model_error", str(e), {"X-Error-Id": e.error_id}) from e
+
+
+async def vqa_v1(request: web.Request) -> web.Response:
+    vqa = await read_vqa_input(request, request.app[SETTINGS])
+    out = await ask(request, vqa)
+    body: dict[str, object] = {"answers": [a.text for a in out.answers]} if vqa.plural else \
+        {"answer": out.answers[0].text}
+    body.update(model=request.app[SERVICE].model_name, queue_ms=out.queue_ms, compute_ms=out.compute_ms,
+                batch_size=out.batch_size)
+    return json_response(body)
+
+
+async def vqa_legacy(request: web.Request) -> web.Response:
+    """The tutorial's `/vqa`: multipart image + question -> {"status": "success", "answer", "model_used"}."""
+    vqa = await read_vqa_input(request, request.app[SETTINGS])
+    out = await ask(request, vqa)
+    return json_response({"status": "success", "answer": out.answers[0].text,
+                          "model_used": request.app[SERVICE].model_name})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    if service.ready():
+        return json_response({"status": "ready", "model": service.model_name,
+                              "queue_depth": service.collector.pending()})
+    return json_response({"error": {"code": "not_ready", "message": "the model is not loaded"}}, 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_spec(request.app[SETTINGS]))
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Requests by route and status, and latency, for every route but /metrics itself."""
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+    if route == "/metrics":
+        return await handler(request)
+    t0 = time.monotonic()
+    m = request.app[METRICS]
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as e:
+        status = e.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client left
+        raise
+    finally:
+        m.requests.labels(route, str(status)).inc()
+        m.latency.labels(route).observe(time.monotonic() - t0)

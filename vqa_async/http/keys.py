@@ -1,0 +1,13 @@
+"""Typed application keys, in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from vqa_async.batching.service import VqaService
+from vqa_async.config import Settings
+from vqa_async.metrics import Metrics
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+SERVICE = web.AppKey("service", VqaService)

@@ -1,0 +1,35 @@
+"""Prometheus metrics of one server process, in a registry of its own (tests build many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vqa_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram("vqa_request_latency_seconds", "time from arrival to response", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("vqa_queue_depth", "requests waiting for the model", registry=r)
+        self.batch_size = Histogram("vqa_batch_size", "questions per model call", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_images = Histogram("vqa_batch_images", "distinct images per model call", buckets=BATCH_BUCKETS,
+                                      registry=r)
+        self.queue_wait = Histogram("vqa_queue_wait_seconds", "time a request waited in the queue",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.compute = Histogram("vqa_compute_seconds", "time of one model call", buckets=LATENCY_BUCKETS,
+                                 registry=r)
+        self.preprocess = Histogram("vqa_preprocess_seconds", "image decoding and resizing per request",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.cache_hits = Counter("vqa_image_cache_hits", "image embeddings reused", registry=r)
+        self.cache_misses = Counter("vqa_image_cache_misses", "images run through the vision encoder", registry=r)
+        self.dropped = Counter("vqa_dropped_requests", "requests skipped before the model", ["reason"], registry=r)
+        self.batch_failures = Counter("vqa_batch_failures", "model calls that raised", ["kind"], registry=r)
+        self.batch_cap = Gauge("vqa_batch_cap", "current questions-per-call cap (lowered after out-of-memory)",
+                               registry=r)
+        for reason in ("client_left", "deadline"):
+            self.dropped.labels(reason)
