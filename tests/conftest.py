@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
-    return DEMO_MODEL_DIR
+    return Path(os.environ.get("VQA_TEST_DEMO_DIR", DEMO_MODEL_DIR))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ only small: a 1-layer ViT-B-16 (upstream hard-codes its 768-wide position embedd
 64-wide BERT. `reference_pipeline` builds that pipeline, `reference_answer` asks it one question.
 
 ModelScope's pipeline module imports its OFA model and preprocessors too, and those import `fairseq` and
-`torchaudio` at module level. Neither installs here, and the mPLUG path never calls them, so
+`torchaudio` at module level, and its multi-modal preprocessors import `decord`. fairseq and torchaudio do not
+install here, decord's wheel breaks `pip check`, and the mPLUG path never calls any of them, so
 `install_stand_ins` puts minimal stand-in modules in `sys.modules` first. The remaining test-only packages that
 the import chain needs are in requirements-test.txt.
 """
@@ -111,12 +112,14 @@ REFERENCE_BERT: dict[str, Any] = {
     "stride_layer": 6,
 }
 
+# fmt: off
 _WORDS = [
     "a", "an", "and", "are", "at", "black", "blue", "box", "brown", "car", "cat", "circle", "color", "colour",
     "dog", "does", "for", "gray", "green", "how", "image", "in", "is", "it", "left", "many", "man", "no", "not",
     "of", "on", "orange", "picture", "pink", "purple", "red", "right", "shape", "sky", "square", "table", "teal",
     "the", "there", "this", "to", "tree", "triangle", "what", "where", "which", "white", "who", "yellow", "yes",
 ]
+# fmt: on
 
 
 def reference_vocab() -> list[str]:
@@ -135,20 +138,22 @@ def reference_vocab() -> list[str]:
 
 
 def _unavailable(qualname: str) -> Any:
-    """A stand-in for a fairseq/torchaudio callable: importable, fails loudly if anything calls it."""
+    """A stand-in for a class or function: importable, usable in annotations and as a base class, and raising
+    NotImplementedError if anything calls it."""
+    module, _, name = qualname.rpartition(".")
 
-    def stand_in(*args: Any, **kwargs: Any) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(f"{qualname} is a test stand-in; the mPLUG path never calls it")
 
-    stand_in.__name__ = stand_in.__qualname__ = qualname.rsplit(".", 1)[-1]
-    return stand_in
+    return type(name, (), {"__init__": __init__, "__module__": module, "__qualname__": name})
 
 
 def _identity(obj: Any) -> Any:
     return obj
 
 
-# Module -> the names ModelScope's OFA modules import from it at module level (the mPLUG path calls none).
+# Module -> the names ModelScope imports from it at module level on the way to the VQA pipeline (the mPLUG path
+# calls none).
 # Found by importing modelscope.pipelines.multi_modal.visual_question_answering_pipeline; see
 # modelscope/preprocessors/ofa/{asr,base}.py and modelscope/models/multi_modal/ofa/{modeling_mmspeech,vit}.py
 # and generate/multihead_attention.py.
@@ -172,6 +177,10 @@ _STAND_INS: dict[str, list[str]] = {
     "torchaudio.compliance": [],
     "torchaudio.compliance.kaldi": [],
     "torchaudio.sox_effects": [],
+    # Installable (decord==0.6.0) but abandoned, and its wheel's inner tag (cp36) makes `pip check` fail.
+    # modelscope.preprocessors.multi_modal imports it for its video preprocessors, and ModelScope's lazy importer
+    # first checks `importlib.util.find_spec("decord")`.
+    "decord": ["VideoReader", "cpu"],
 }
 
 # Applied as a class decorator at import time, so it must work: the identity.
@@ -179,13 +188,14 @@ _DECORATORS = {"fairseq.incremental_decoding_utils.with_incremental_state"}
 
 
 def install_stand_ins() -> None:
-    """Put stand-in `fairseq` and `torchaudio` modules into `sys.modules`, unless a real one is importable.
+    """Put stand-in `fairseq`, `torchaudio` and `decord` modules into `sys.modules`, unless a real one is importable.
 
-    ModelScope's pipeline package imports its OFA modules, which import these two at module level; neither can be
-    installed here, and the mPLUG path never calls them. Every stand-in callable raises NotImplementedError.
+    ModelScope's VQA pipeline module imports its OFA modules and multi-modal preprocessors, which import these at
+    module level; fairseq and torchaudio cannot be installed here, and the mPLUG path never calls any of them.
+    Every stand-in callable raises NotImplementedError.
     Each module gets a real ModuleSpec, so `importlib.util.find_spec` works, while `importlib.metadata` still
     finds no distribution, so transformers reports torchaudio as unavailable. Idempotent."""
-    for root in ("fairseq", "torchaudio"):
+    for root in ("fairseq", "torchaudio", "decord"):
         if root in sys.modules:
             continue
         try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
+from multidict import MultiDictProxy
 
 from vqa_async.config import Settings
 from vqa_async.http.errors import ApiError
@@ -30,7 +31,7 @@ async def read_vqa_input(request: web.Request, settings: Settings) -> VqaInput:
         raise bad("body_too_large", f"the request body is {request.content_length} bytes; the limit is "
                   f"{settings.max_body_bytes} (--max-body-mb {settings.max_body_mb:g})", 413)
     ctype = request.content_type
-    if ctype == "multipart/form-data":
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         return await _from_multipart(request, settings)
     if ctype == "application/json":
         return await _from_json(request, settings)
@@ -47,6 +48,15 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
         raise bad("invalid_utf8", "a form field is not valid UTF-8") from e
     except ValueError as e:  # malformed multipart
         raise bad("invalid_multipart", f"the multipart body cannot be read: {e}") from e
+    try:
+        return _read_form(form, settings)
+    finally:  # aiohttp spools uploads to temporary files: close them whatever happened
+        for value in form.values():
+            if isinstance(value, web.FileField):
+                value.file.close()
+
+
+def _read_form(form: MultiDictProxy[str | bytes | bytearray | web.FileField], settings: Settings) -> VqaInput:
     image = form.get("image")
     if image is None:
         raise bad("missing_image", "add the picture as a file field named 'image'")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vqa_async.model.architecture import ServingMPlugVQA, read_config
+from vqa_async.model.architecture import WEIGHTS_NAME, ServingMPlugVQA, read_config
 from vqa_async.model.preprocess import QuestionTokenizer, image_transform, to_rgb
 from vqa_async.model.presets import DEMO
 from vqa_async.model.weights import save_serving_weights
@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="vqa_async/demo")
     ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--images-per-step", type=int, default=8, help="each with all its questions (~10)")
+    ap.add_argument("--images-per-step", type=int, default=32)
+    ap.add_argument("--questions-per-image", type=int, default=3,
+                    help="questions drawn per image and step (0: all of them, ~10)")
+    ap.add_argument("--init", default=None, help="start from this serving directory's weights instead of random")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=float, default=0.05, help="share of steps with linear warm-up")
     ap.add_argument("--seed", type=int, default=0)
@@ -66,6 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     DEMO.write_configs(out)
     config = read_config(out)
     model = ServingMPlugVQA(config)
+    if args.init:
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(load_file(str(Path(args.init) / WEIGHTS_NAME)), strict=False)
+        assert not unexpected and all(k.endswith(("position_ids", "decoder.weight", "decoder.bias"))
+                                      for k in missing), (missing, unexpected)
+        print(f"starting from {args.init}", flush=True)
     tok = QuestionTokenizer(str(out))
 
     t0 = time.time()
@@ -92,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(args.seed)
+    rng = random.Random(args.seed)
     history = []
     t_start = time.time()
     for epoch in range(args.epochs):
@@ -101,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         running = 0.0
         for step in bar:
             group = [images[j] for j in perm[step * args.images_per_step:(step + 1) * args.images_per_step]]
-            idx = torch.tensor([qi for ii in group for qi in by_image[ii]])
-            which = torch.tensor([g for g, ii in enumerate(group) for _ in by_image[ii]])
+            chosen = [pick(by_image[ii], args.questions_per_image, rng) for ii in group]
+            idx = torch.tensor([qi for qs in chosen for qi in qs])
+            which = torch.tensor([g for g, qs in enumerate(chosen) for _ in qs])
             loss = vqa_loss(model, pixels[torch.tensor(group)], which, q_ids[idx], q_mask[idx],
                             a.input_ids[idx], a.attention_mask[idx])
             opt.zero_grad(set_to_none=True)
@@ -122,13 +134,18 @@ def main(argv: list[str] | None = None) -> None:
     save_serving_weights(model, out, dtype=torch.float32)
     (out / "TRAINING.json").write_text(json.dumps({
         "dataset": "easy-vqa 1.0 (train split)", "epochs": args.epochs,
-        "images_per_step": args.images_per_step,
+        "images_per_step": args.images_per_step, "questions_per_image": args.questions_per_image,
+        "init": args.init, "warmup": args.warmup,
         "lr": args.lr, "seed": args.seed, "train_seconds": round(train_s, 1), "torch_threads": torch.get_num_threads(),
         "history": history}, indent=2) + "\n")
     print(f"trained in {train_s / 60:.1f} min; wrote {out}")
 
 
 TRAIN_QUESTION_TOKENS = 12
+
+
+def pick(questions: list[int], k: int, rng: random.Random) -> list[int]:
+    return questions if k <= 0 or k >= len(questions) else rng.sample(questions, k)
 
 
 def vqa_loss(model: ServingMPlugVQA, pixels: torch.Tensor, which: torch.Tensor, q_ids: torch.Tensor,

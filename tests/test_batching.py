@@ -1,0 +1,199 @@
+"""The batch collector and the model thread, without HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from vqa_async.batching.cache import ImageEmbeddingCache
+from vqa_async.batching.collect import BatchCollector
+from vqa_async.batching.executor import ItemFailed, ModelExecutor
+from vqa_async.batching.work import WorkItem
+from vqa_async.metrics import Metrics
+from vqa_async.model.answer import Answered
+from vqa_async.model.preprocess import EncodedQuestions
+
+
+def make_item(loop: asyncio.AbstractEventLoop, size: int = 1, key: str = "img", token: int = 1000,
+              deadline_in: float = 60.0) -> WorkItem:
+    ids = torch.full((size, 25), token)
+    return WorkItem(key, torch.zeros(3, 4, 4), ids, torch.ones(size, 25, dtype=torch.long), loop.create_future(),
+                    time.monotonic() + deadline_in)
+
+
+@pytest.mark.parametrize("max_size", [1, 3, 8])
+async def test_takes_everything_queued_up_to_max(max_size: int) -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    items = [make_item(loop) for _ in range(10)]
+    for it in items:
+        q.put_nowait(it)
+    c = BatchCollector(q, max_size, max_wait_s=0.0)
+    batches = []
+    while c.pending():
+        batches.append(await c.collect())
+    assert [len(b) for b in batches[:-1]] == [max_size] * (len(batches) - 1)
+    assert [it for b in batches for it in b] == items  # FIFO, nothing lost
+
+
+@pytest.mark.parametrize("max_wait_s", [0.05, 10.0])
+async def test_idle_server_does_not_wait(max_wait_s: float) -> None:
+    """With nothing on its way, one request is handed over at once, whatever max_wait is."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    q.put_nowait(make_item(loop))
+    c = BatchCollector(q, 8, max_wait_s=max_wait_s, incoming=lambda: 0)
+    batch = await asyncio.wait_for(c.collect(), timeout=1.0)
+    assert len(batch) == 1
+
+
+@pytest.mark.parametrize("max_size, max_wait_s", [(4, 0.5), (8, 1.0)])
+async def test_waits_for_requests_on_their_way(max_size: int, max_wait_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    q.put_nowait(make_item(loop))
+    on_the_way = [1]
+    c = BatchCollector(q, max_size, max_wait_s=max_wait_s, incoming=lambda: on_the_way[0])
+
+    async def arrive() -> None:
+        await asyncio.sleep(0.02)
+        q.put_nowait(make_item(loop))
+        on_the_way[0] = 0
+
+    task = asyncio.create_task(arrive())
+    batch = await c.collect()
+    await task
+    assert len(batch) == 2
+
+
+async def test_gives_up_waiting_at_the_deadline() -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    q.put_nowait(make_item(loop))
+    fake_now = [0.0]
+
+    def clock() -> float:
+        fake_now[0] += 0.01  # every look at the clock advances it 10 ms
+        return fake_now[0]
+
+    c = BatchCollector(q, 8, max_wait_s=0.05, incoming=lambda: 1, clock=clock)
+    batch = await asyncio.wait_for(c.collect(), timeout=2.0)
+    assert len(batch) == 1
+
+
+async def test_item_that_does_not_fit_goes_first_next_time() -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    a, b, c_ = make_item(loop, 3), make_item(loop, 3), make_item(loop, 1)
+    for it in (a, b, c_):
+        q.put_nowait(it)
+    c = BatchCollector(q, 4, max_wait_s=0.0)
+    assert await c.collect() == [a]
+    assert await c.collect() == [b, c_]
+
+
+async def test_cap_lowers_the_batch() -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    for _ in range(6):
+        q.put_nowait(make_item(loop))
+    c = BatchCollector(q, 6, max_wait_s=0.0)
+    assert len(await c.collect(cap=2)) == 2
+
+
+class EchoAnswerer:
+    """Answers each question with its first token; fails as told."""
+
+    def __init__(self, fail_token: int | None = None, oom_above: int | None = None) -> None:
+        self.fail_token = fail_token
+        self.oom_above = oom_above
+        self.calls: list[int] = []
+        self.encoded: list[int] = []
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.encoded.append(pixels.shape[0])
+        return torch.zeros(pixels.shape[0], 2, 2)
+
+    def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions) -> list[Answered]:
+        self.calls.append(q.input_ids.shape[0])
+        if self.oom_above is not None and q.input_ids.shape[0] > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate (injected)")
+        if self.fail_token is not None and (q.input_ids[:, 0] == self.fail_token).any():
+            raise ValueError("injected")
+        return [Answered(str(int(t)), [int(t)]) for t in q.input_ids[:, 0]]
+
+
+def executor_with(answerer: EchoAnswerer, max_batch: int = 8) -> ModelExecutor:
+    ex = ModelExecutor(Metrics(), max_batch, ImageEmbeddingCache(16, 2**20))
+    ex.answerer = answerer  # type: ignore[assignment]
+    return ex
+
+
+async def test_every_future_gets_its_own_answer_and_shared_images_encode_once() -> None:
+    loop = asyncio.get_running_loop()
+    ans = EchoAnswerer()
+    ex = executor_with(ans)
+    items = [make_item(loop, 2, key="a", token=1001), make_item(loop, 1, key="b", token=1002),
+             make_item(loop, 1, key="a", token=1003)]
+    await ex.run(loop, items)
+    assert [[a.text for a in it.future.result()] for it in items] == [["1001", "1001"], ["1002"], ["1003"]]
+    assert ans.encoded == [2]  # two distinct images, one vision pass
+    await ex.run(loop, [make_item(loop, 1, key="a", token=1004)])
+    assert ans.encoded == [2]  # cached
+    ex.shutdown()
+
+
+async def test_a_failing_request_fails_alone() -> None:
+    loop = asyncio.get_running_loop()
+    ex = executor_with(EchoAnswerer(fail_token=1666))
+    items = [make_item(loop, token=1000 + i) for i in range(5)] + [make_item(loop, token=1666)]
+    await ex.run(loop, items)
+    for it in items[:5]:
+        assert it.future.result()[0].text == str(int(it.input_ids[0, 0]))
+    with pytest.raises(ItemFailed) as e:
+        items[5].future.result()
+    assert e.value.error_id
+    ex.shutdown()
+
+
+async def test_out_of_memory_splits_and_lowers_the_cap() -> None:
+    loop = asyncio.get_running_loop()
+    ans = EchoAnswerer(oom_above=2)
+    ex = executor_with(ans, max_batch=8)
+    items = [make_item(loop, token=1000 + i) for i in range(8)]
+    await ex.run(loop, items)
+    assert all(it.future.result()[0].text == str(1000 + i) for i, it in enumerate(items))
+    assert ex.cap <= 4
+    ex.shutdown()
+
+
+async def test_dead_work_is_skipped_before_the_model() -> None:
+    loop = asyncio.get_running_loop()
+    ans = EchoAnswerer()
+    ex = executor_with(ans)
+    gone, late, ok = make_item(loop, token=1001), make_item(loop, token=1002, deadline_in=-1), make_item(loop)
+    gone.future.cancel()
+    await ex.run(loop, [gone, late, ok])
+    assert ans.calls == [1]
+    with pytest.raises(TimeoutError):
+        late.future.result()
+    m = ex.metrics.registry
+    assert m.get_sample_value("vqa_dropped_requests_total", {"reason": "client_left"}) == 1
+    assert m.get_sample_value("vqa_dropped_requests_total", {"reason": "deadline"}) == 1
+    ex.shutdown()
+
+
+def test_cache_is_bounded_by_entries_and_bytes() -> None:
+    c = ImageEmbeddingCache(max_entries=3, max_bytes=4 * 100 * 4)
+    for i in range(5):
+        c.put(str(i), torch.zeros(100))
+    assert len(c) == 3 and c.get("0") is None and c.get("4") is not None
+    c.put("big", torch.zeros(1000))  # larger than the byte bound: not kept
+    assert c.get("big") is None
+    c2 = ImageEmbeddingCache(max_entries=10, max_bytes=2 * 400)
+    for i in range(4):
+        c2.put(str(i), torch.zeros(100))
+    assert len(c2) == 2 and c2.bytes <= 800

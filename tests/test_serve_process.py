@@ -1,0 +1,71 @@
+"""`vqa-async serve` as a real process: it starts, answers, and on SIGTERM answers what it holds, then exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server not ready in time")
+
+
+def test_sigterm_answers_everything_queued_then_exits_0(demo_dir: Path, easy_vqa_images: list[Path]) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, VQA_MAX_BATCH_SIZE="1")  # settings from the environment, one question per model call
+    proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "serve", "--model", str(demo_dir), "--port",
+                             str(port)], env=env)
+    try:
+        wait_ready(url, proc)
+        img = easy_vqa_images[0].read_bytes()
+
+        async def scenario() -> list[int]:
+            async with aiohttp.ClientSession() as s:
+                async def one(i: int) -> int:
+                    form = aiohttp.FormData()
+                    form.add_field("image", img, filename="a.png", content_type="image/png")
+                    form.add_field("question", f"what color is the shape? {i}")
+                    async with s.post(url + "/v1/vqa", data=form) as r:
+                        await r.read()
+                        return r.status
+
+                tasks = [asyncio.create_task(one(i)) for i in range(12)]
+                await asyncio.sleep(0.3)  # all sent, most still queued behind the one model thread
+                proc.send_signal(signal.SIGTERM)
+                return list(await asyncio.gather(*tasks))
+
+        statuses = asyncio.run(scenario())
+        assert statuses == [200] * 12
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
