@@ -8,14 +8,13 @@ import addict
 import pytest
 import torch
 import yaml
+from modelscope.models.multi_modal.mplug.modeling_mplug import MPlugConfig, MPlugForVisualQuestionAnswering
 from safetensors import safe_open
 
 from vqa_async.model.answer import Answerer
 from vqa_async.model.architecture import WEIGHTS_NAME
 from vqa_async.model.loader import load_model
 from vqa_async.tools.convert import ConvertError, convert
-
-from modelscope.models.multi_modal.mplug.modeling_mplug import MPlugConfig, MPlugForVisualQuestionAnswering
 
 
 @pytest.fixture(scope="module")

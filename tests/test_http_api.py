@@ -82,7 +82,8 @@ async def test_json_base64(client: TestClient[Any, Any], easy_vqa_images: list[P
     assert many["answers"] == [one["answer"]]
 
 
-async def test_tutorial_endpoint_shape(client: TestClient[Any, Any], easy_vqa_images: list[Path], demo_dir: Path) -> None:
+async def test_tutorial_endpoint_shape(client: TestClient[Any, Any], easy_vqa_images: list[Path],
+                                       demo_dir: Path) -> None:
     resp = await client.post("/vqa", data=form(png(easy_vqa_images[0]), "what color is the shape?"))
     body = await resp.json()
     assert body["status"] == "success" and body["answer"] and body["model_used"] == demo_dir.name
@@ -181,7 +182,8 @@ async def test_invalid_utf8_in_a_form_field(client: TestClient[Any, Any]) -> Non
             f"Content-Type: image/png\r\n\r\n").encode() + GOOD + \
         (f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\n").encode() + \
         b"what \xff\xfe?" + f"\r\n--{boundary}--\r\n".encode()
-    resp = await client.post("/v1/vqa", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    ctype = f"multipart/form-data; boundary={boundary}"
+    resp = await client.post("/v1/vqa", data=body, headers={"Content-Type": ctype})
     assert resp.status == 400
     assert (await resp.json())["error"]["code"] == "invalid_utf8"
 

@@ -37,6 +37,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from vqa_async.cluster.supervisor import Cluster, ClusterOptions, request_reload
+    from vqa_async.config import settings_from_args
+
+    runtime_dir = Path(args.runtime_dir) if args.runtime_dir else None
+    if args.action == "reload":
+        pid = request_reload(args.port, args.model, runtime_dir)
+        print(f"asked the cluster (pid {pid}) on port {args.port} for a rolling reload")
+        return 0
+    settings = settings_from_args(args)
+    options = ClusterOptions(workers=args.workers, host=args.host, port=args.port, stats_port=args.stats_port,
+                             devices=[d for d in (args.devices or "").split(",") if d], backends=args.backend or [],
+                             queue_timeout_s=args.queue_timeout_s, server_maxconn=args.server_maxconn,
+                             runtime_dir=runtime_dir, haproxy_log=args.haproxy_log)
+    return asyncio.run(Cluster(options, settings).run())
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from vqa_async.model.answer import Answerer
     from vqa_async.model.loader import load_model
@@ -84,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="one micro-batching HTTP server process")
     add_arguments(sv, exclude=("log_level",))
     sv.set_defaults(func=cmd_serve)
+
+    cl = sub.add_parser("cluster", help="N serve processes behind HAProxy, supervised (the main job)")
+    cl.add_argument("action", nargs="?", choices=["run", "reload"], default="run",
+                    help="run (default), or reload: a rolling reload of the cluster running on --port")
+    cl.add_argument("--workers", type=int, default=2)
+    cl.add_argument("--host", default="127.0.0.1", help="address HAProxy listens on")
+    cl.add_argument("--port", type=int, default=8080, help="HAProxy's port: the single entry point")
+    cl.add_argument("--stats-port", type=int, default=0, help="HAProxy stats page and /metrics (default port+1)")
+    cl.add_argument("--devices", default=None, help="spread workers over these, e.g. cuda:0,cuda:1")
+    cl.add_argument("--backend", action="append", help="HOST:PORT of a `vqa-async serve` elsewhere (repeatable)")
+    cl.add_argument("--queue-timeout-s", type=float, default=5.0, help="HAProxy queue wait before a 503")
+    cl.add_argument("--server-maxconn", type=int, default=0, help="requests in flight per worker (0: 2x batch)")
+    cl.add_argument("--haproxy-log", action="store_true", help="HAProxy's request log on stderr")
+    cl.add_argument("--runtime-dir", default=None, help="where haproxy.cfg, its socket and state.json live")
+    add_arguments(cl, exclude=("host", "port", "unix_socket", "log_level"))
+    cl.set_defaults(func=cmd_cluster)
 
     ev = sub.add_parser("eval", help="accuracy on the easy-VQA test split")
     ev.add_argument("--model", default=None, help="serving directory (default: the shipped demo model)")

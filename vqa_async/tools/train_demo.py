@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="vqa_async/demo")
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--batch-size", type=int, default=0,
+                    help="random batches of this many questions (0: batches grouped by image, below)")
     ap.add_argument("--images-per-step", type=int, default=32)
     ap.add_argument("--questions-per-image", type=int, default=3,
                     help="questions drawn per image and step (0: all of them, ~10)")
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     test_pixels, test_q, test_a, test_ids = load_split("test", config.image_res)
     print(f"data: {len(questions)} train questions, loaded in {time.time() - t0:.1f}s", flush=True)
 
-    steps_per_epoch = math.ceil(len(images) / args.images_per_step)
+    n_questions = len(questions)
+    steps_per_epoch = math.ceil(n_questions / args.batch_size) if args.batch_size else \
+        math.ceil(len(images) / args.images_per_step)
     total = steps_per_epoch * args.epochs
     warmup = max(1, int(total * args.warmup))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.02)
@@ -107,14 +111,20 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     for epoch in range(args.epochs):
         model.train()
-        perm = torch.randperm(len(images), generator=gen).tolist()
+        perm = torch.randperm(n_questions if args.batch_size else len(images), generator=gen).tolist()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", mininterval=5)
         running = 0.0
         for step in bar:
-            group = [images[j] for j in perm[step * args.images_per_step:(step + 1) * args.images_per_step]]
-            chosen = [pick(by_image[ii], args.questions_per_image, rng) for ii in group]
-            idx = torch.tensor([qi for qs in chosen for qi in qs])
-            which = torch.tensor([g for g, qs in enumerate(chosen) for _ in qs])
+            if args.batch_size:  # random questions; the ViT still runs once per distinct image among them
+                idx_list = perm[step * args.batch_size:(step + 1) * args.batch_size]
+                group = list(dict.fromkeys(image_ids[qi] for qi in idx_list))
+                idx = torch.tensor(idx_list)
+                which = torch.tensor([group.index(image_ids[qi]) for qi in idx_list])
+            else:
+                group = [images[j] for j in perm[step * args.images_per_step:(step + 1) * args.images_per_step]]
+                chosen = [pick(by_image[ii], args.questions_per_image, rng) for ii in group]
+                idx = torch.tensor([qi for qs in chosen for qi in qs])
+                which = torch.tensor([g for g, qs in enumerate(chosen) for _ in qs])
             loss = vqa_loss(model, pixels[torch.tensor(group)], which, q_ids[idx], q_mask[idx],
                             a.input_ids[idx], a.attention_mask[idx])
             opt.zero_grad(set_to_none=True)
@@ -134,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     save_serving_weights(model, out, dtype=torch.float32)
     (out / "TRAINING.json").write_text(json.dumps({
         "dataset": "easy-vqa 1.0 (train split)", "epochs": args.epochs,
-        "images_per_step": args.images_per_step, "questions_per_image": args.questions_per_image,
+        "batch_size": args.batch_size, "images_per_step": args.images_per_step,
+        "questions_per_image": args.questions_per_image,
         "init": args.init, "warmup": args.warmup,
         "lr": args.lr, "seed": args.seed, "train_seconds": round(train_s, 1), "torch_threads": torch.get_num_threads(),
         "history": history}, indent=2) + "\n")

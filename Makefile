@@ -1,0 +1,43 @@
+# The two commands of the README:  `make run`  and  `make test`.
+# Both work on a fresh Debian machine as root: they install what is missing, then do their job.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+WORKERS ?= 2
+PORT ?= 8080
+
+.PHONY: run serve test lint system install install-test
+
+run: install system  ## the main job: the HAProxy cluster on the demo model at http://127.0.0.1:$(PORT)
+	$(VENV)/bin/vqa-async cluster --workers $(WORKERS) --port $(PORT)
+
+serve: install  ## one process, no HAProxy
+	$(VENV)/bin/vqa-async serve --port $(PORT)
+
+test: install-test system  ## the whole suite (CI runs exactly this)
+	$(VENV)/bin/ruff check vqa_async tests bench
+	$(VENV)/bin/mypy vqa_async
+	$(PY) -m pytest
+
+system:  ## Debian packages: HAProxy (the front), Chromium + driver (page tests), ab (load checks)
+	@if ! command -v haproxy >/dev/null || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy chromium chromium-driver \
+	    apache2-utils >/dev/null; fi
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+
+# torch and torchvision first, pinned together: PyPI's torchvision imports only beside its own torch, and
+# these two releases lie on this machine's disk (a plain `torch` would fetch a multi-GB build).
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PIP) -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test

@@ -1,0 +1,203 @@
+"""The cluster through a real HAProxy on loopback, with the demo model: spread, a killed worker, a rolling
+reload, shared weights, and fast 503s at the front."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vqa_async.model.architecture import WEIGHTS_NAME
+from vqa_async.model.memory import file_pss
+from vqa_async.tools.loadgen import easy_vqa_requests, run_load
+
+pytestmark = pytest.mark.skipif(not Path("/usr/sbin/haproxy").exists(), reason="needs Debian's haproxy")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RunningCluster:
+    proc: subprocess.Popen[bytes]
+    port: int
+    runtime_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def state(self) -> dict:  # type: ignore[type-arg]
+        return json.loads((self.runtime_dir / "state.json").read_text())
+
+    def server_status(self) -> dict[str, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port + 1}/stats;csv", timeout=5) as r:
+            rows = r.read().decode().lstrip("# ").splitlines()
+        header = rows[0].split(",")
+        out = {}
+        for line in rows[1:]:
+            row = dict(zip(header, line.split(",")))
+            if row.get("pxname") == "workers" and row["svname"] not in ("BACKEND",):
+                out[row["svname"]] = row["status"]
+        return out
+
+
+def start_cluster(tmp_path: Path, demo_dir: Path, *extra: str, workers: int = 2) -> RunningCluster:
+    port = free_port()
+    while True:  # the stats page takes port + 1
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            break
+        except OSError:
+            port = free_port()
+    rdir = tmp_path / "rt"
+    proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "cluster", "--workers", str(workers),
+                             "--port", str(port), "--model", str(demo_dir), "--runtime-dir", str(rdir), *extra])
+    cl = RunningCluster(proc, port, rdir)
+    end = time.monotonic() + 240
+    while time.monotonic() < end:
+        assert proc.poll() is None, f"cluster exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(cl.url + "/readyz", timeout=2) as r:
+                if r.status == 200 and all(s.startswith("UP") for s in cl.server_status().values()):
+                    return cl
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("cluster not ready")
+
+
+def stop_cluster(cl: RunningCluster) -> None:
+    workers = [w["pid"] for w in cl.state()["workers"]]
+    cl.proc.send_signal(signal.SIGTERM)
+    try:
+        assert cl.proc.wait(timeout=90) == 0
+    finally:
+        if cl.proc.poll() is None:
+            cl.proc.kill()
+    for pid in workers:  # no process left behind
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[RunningCluster]:
+    cl = start_cluster(tmp_path_factory.mktemp("cluster"), demo_dir)
+    yield cl
+    stop_cluster(cl)
+
+
+def test_answers_through_the_front_are_right_and_spread(cluster: RunningCluster, demo_dir: Path) -> None:
+    pairs = easy_vqa_requests(40)
+    results = asyncio.run(run_load(cluster.url + "/v1/vqa", pairs, concurrency=8))
+    assert all(r.status == 200 for r in results)
+    spread = Counter(r.served_by for r in results)
+    assert set(spread) == {"w0", "w1"}, spread
+    # The same answers as one process gives (checked against the direct worker of a few).
+    w0 = cluster.state()["workers"][0]["port"]
+    direct = asyncio.run(run_load(f"http://127.0.0.1:{w0}/v1/vqa", pairs[:8], concurrency=1))
+    by_q = {q: r.answer for (_, q), r in zip(pairs[:8], direct)}
+    front = asyncio.run(run_load(cluster.url + "/v1/vqa", pairs[:8], concurrency=1))
+    assert [r.answer for r in front] == [by_q[q] for _, q in pairs[:8]]
+    # The page and the metrics are reachable through the front; HAProxy's exporter on the stats port.
+    with urllib.request.urlopen(cluster.url + "/", timeout=5) as r:
+        assert b"<form" in r.read()
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.port + 1}/metrics", timeout=5) as r:
+        assert b"haproxy_backend" in r.read()
+
+
+def test_sigkill_a_worker_under_load_loses_nothing(cluster: RunningCluster) -> None:
+    victim = cluster.state()["workers"][1]
+    pairs = easy_vqa_requests(300)
+
+    async def scenario() -> tuple[list, float]:  # type: ignore[type-arg]
+        load = asyncio.create_task(run_load(cluster.url + "/v1/vqa", pairs, concurrency=50))
+        await asyncio.sleep(1.0)
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        results = await load
+        return results, killed_at
+
+    results, killed_at = asyncio.run(scenario())
+    failures = [r for r in results if r.status != 200]
+    assert not failures, failures[:3]
+    assert len(results) == 300
+    # Restarted and back in rotation within 10 s of the kill.
+    while time.monotonic() - killed_at < 30:
+        state = cluster.state()["workers"][1]
+        if state["pid"] != victim["pid"] and cluster.server_status().get("w1", "").startswith("UP"):
+            break
+        time.sleep(0.1)
+    back_after = time.monotonic() - killed_at
+    print(f"\nworker w1 back in rotation {back_after:.1f}s after SIGKILL; 0 of 300 requests failed")
+    assert back_after <= 10.0
+
+
+def test_rolling_reload_under_load_loses_nothing(cluster: RunningCluster) -> None:
+    before = [w["pid"] for w in cluster.state()["workers"]]
+    pairs = easy_vqa_requests(300)
+
+    async def scenario() -> list:  # type: ignore[type-arg]
+        load = asyncio.create_task(run_load(cluster.url + "/v1/vqa", pairs, concurrency=50))
+        await asyncio.sleep(0.5)
+        reload = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "vqa_async.cli", "cluster", "reload", "--port", str(cluster.port),
+            "--runtime-dir", str(cluster.runtime_dir))
+        assert await reload.wait() == 0
+        return await load
+
+    results = asyncio.run(scenario())
+    assert [r for r in results if r.status != 200] == []
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        after = [w["pid"] for w in cluster.state()["workers"]]
+        if all(a != b for a, b in zip(after, before)) and all(
+                s.startswith("UP") for s in cluster.server_status().values()):
+            break
+        time.sleep(0.3)
+    assert all(a != b for a, b in zip(after, before)), "every worker was replaced"
+
+
+def test_workers_share_one_copy_of_the_weights(cluster: RunningCluster, demo_dir: Path) -> None:
+    weights = demo_dir.resolve() / WEIGHTS_NAME
+    size = weights.stat().st_size
+    for w in cluster.state()["workers"]:  # one answer each touches every weight page
+        asyncio.run(run_load(f"http://127.0.0.1:{w['port']}/v1/vqa", easy_vqa_requests(1), concurrency=1))
+    per_worker = [file_pss(weights, w["pid"]) for w in cluster.state()["workers"]]
+    assert all(p["Rss"] >= 0.9 * size for p in per_worker)
+    total_pss = sum(p["Pss"] for p in per_worker)
+    print(f"\nweights file {size / 2**20:.1f} MiB; Pss per worker "
+          f"{[round(p['Pss'] / 2**20, 1) for p in per_worker]} MiB; summed {total_pss / 2**20:.1f} MiB")
+    assert total_pss <= 1.2 * size
+
+
+def test_overload_at_the_front_is_a_fast_503(tmp_path: Path, demo_dir: Path) -> None:
+    cl = start_cluster(tmp_path, demo_dir, "--max-queue", "1", "--max-batch-size", "1", "--server-maxconn", "1",
+                       "--queue-timeout-s", "0.5", workers=1)
+    try:
+        pairs = easy_vqa_requests(60)
+        t0 = time.monotonic()
+        results = asyncio.run(run_load(cl.url + "/v1/vqa", pairs, concurrency=60, timeout_s=30))
+        rejected = [r for r in results if r.status == 503]
+        assert rejected, Counter(r.status for r in results)
+        assert all(json.loads(r.error or "{}")["error"]["code"] == "overloaded" for r in rejected)
+        assert all(r.status in (200, 503) for r in results)
+        assert max(r.latency_s for r in rejected) < 5.0  # refused quickly, not hung
+        assert time.monotonic() - t0 < 30
+    finally:
+        stop_cluster(cl)

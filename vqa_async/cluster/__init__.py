@@ -1,0 +1,1 @@
+"""Several `vqa-async serve` processes behind HAProxy, supervised."""

@@ -1,0 +1,99 @@
+"""HAProxy: the configuration rendered from `haproxy/haproxy.cfg.j2`, the process, and its runtime API."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "haproxy"
+EDGE_ERRORS = [
+    (400, "bad_request", "the request is malformed"),
+    (408, "request_timeout", "the request did not arrive in time"),
+    (413, "body_too_large", "the request body is larger than allowed"),
+    (502, "bad_gateway", "a worker answered with something that is not HTTP"),
+    (503, "overloaded", "no worker could take the request in time; retry shortly"),
+    (504, "timeout", "no worker answered in time"),
+]
+# Uploads up to this size are held whole by HAProxy and so survive a dying worker (see the template).
+RETRYABLE_BODY_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    address: str  # host:port
+
+
+def render(servers: list[Server], *, host: str, port: int, stats_host: str, stats_port: int, admin_socket: Path,
+           max_body_bytes: int, server_maxconn: int, queue_timeout_s: float, server_timeout_s: float,
+           client_timeout_s: float = 30.0, check_interval_ms: int = 500, maxconn: int = 4096,
+           log: bool = False) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True)
+    return env.get_template("haproxy.cfg.j2").render(
+        servers=servers, host=host, port=port, stats_host=stats_host, stats_port=stats_port,
+        admin_socket=admin_socket, max_body_bytes=max_body_bytes, server_maxconn=server_maxconn,
+        queue_timeout_s=queue_timeout_s, server_timeout_s=server_timeout_s, client_timeout_s=client_timeout_s,
+        check_interval_ms=check_interval_ms, maxconn=maxconn, bufsize=RETRYABLE_BODY_BYTES + 8192 + 16384,
+        log=log, errors=EDGE_ERRORS)
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if not found:
+        raise FileNotFoundError("haproxy is not installed: apt-get install haproxy (the README's run command does)")
+    return found
+
+
+async def check_config(path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(haproxy_binary(), "-c", "-f", str(path),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"haproxy rejects {path}: {out.decode(errors='replace').strip()}")
+
+
+async def start(path: Path) -> asyncio.subprocess.Process:
+    """HAProxy in the foreground (-db), so that it is our child and dies with us."""
+    await check_config(path)
+    return await asyncio.create_subprocess_exec(haproxy_binary(), "-db", "-f", str(path))
+
+
+class RuntimeApi:
+    """HAProxy's runtime API on its admin socket: one command per connection."""
+
+    def __init__(self, socket_path: Path, backend: str = "workers") -> None:
+        self.socket_path = socket_path
+        self.backend = backend
+
+    async def command(self, cmd: str) -> str:
+        reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+        try:
+            writer.write(cmd.encode() + b"\n")
+            await writer.drain()
+            return (await reader.read()).decode()
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def set_state(self, server: str, state: str) -> None:
+        """state: ready | drain | maint."""
+        out = await self.command(f"set server {self.backend}/{server} state {state}")
+        if out.strip():
+            raise RuntimeError(f"haproxy refused 'set server {server} state {state}': {out.strip()}")
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        """`show stat` rows of the backend's servers, by server name."""
+        text = await self.command("show stat")
+        rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
+        return {r["svname"]: r for r in rows if r.get("pxname") == self.backend and r["svname"] != "BACKEND"}

@@ -1,0 +1,106 @@
+"""A closed-loop load generator: `concurrency` clients send `requests` questions in all, each as soon as its
+previous answer came back. Used by the tests, the issue notes' load checks, and the bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+
+@dataclass
+class Result:
+    status: int  # 0: no HTTP response (connection error)
+    latency_s: float
+    answer: str | None = None
+    served_by: str | None = None
+    batch_size: int | None = None
+    error: str | None = None
+
+
+def easy_vqa_requests(n: int) -> list[tuple[bytes, str]]:
+    import easy_vqa
+
+    questions, _, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    cache: dict[int, bytes] = {}
+    out = []
+    for i in range(n):
+        j = i % len(questions)
+        img = image_ids[j]
+        if img not in cache:
+            cache[img] = Path(paths[img]).read_bytes()
+        out.append((cache[img], questions[j]))
+    return out
+
+
+async def run_load(url: str, pairs: list[tuple[bytes, str]], concurrency: int, timeout_s: float = 60.0,
+                   stop_after_s: float | None = None) -> list[Result]:
+    results: list[Result] = []
+    queue: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue()
+    for p in pairs:
+        queue.put_nowait(p)
+    started = time.monotonic()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
+
+        async def client() -> None:
+            while not queue.empty():
+                if stop_after_s is not None and time.monotonic() - started > stop_after_s:
+                    return
+                image, question = queue.get_nowait()
+                form = aiohttp.FormData()
+                form.add_field("image", image, filename="image.png", content_type="image/png")
+                form.add_field("question", question)
+                t0 = time.monotonic()
+                try:
+                    async with s.post(url, data=form) as r:
+                        text = await r.text()
+                        res = Result(r.status, time.monotonic() - t0, served_by=r.headers.get("X-Served-By"))
+                        if r.status == 200:
+                            body = json.loads(text)
+                            res.answer, res.batch_size = body.get("answer"), body.get("batch_size")
+                        else:
+                            res.error = text[:200]
+                except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+                    res = Result(0, time.monotonic() - t0, error=f"{type(e).__name__}: {e}")
+                results.append(res)
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return results
+
+
+def summarize(results: list[Result], wall_s: float) -> dict[str, float | int]:
+    ok = [r for r in results if r.status == 200]
+    lat = sorted(r.latency_s * 1000 for r in ok) or [0.0]
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))], 1)
+
+    sizes = [r.batch_size for r in ok if r.batch_size]
+    return {"requests": len(results), "failures": len(results) - len(ok), "answers_per_s": round(len(ok) / wall_s, 2),
+            "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+            "mean_batch_size_seen": round(statistics.mean(sizes), 2) if sizes else 0.0,
+            "max_batch_size_seen": max(sizes) if sizes else 0}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000/v1/vqa")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=8)
+    args = ap.parse_args(argv)
+    pairs = easy_vqa_requests(args.requests)
+    t0 = time.monotonic()
+    results = asyncio.run(run_load(args.url, pairs, args.concurrency))
+    print(json.dumps({"concurrency": args.concurrency, **summarize(results, time.monotonic() - t0)}))
+
+
+if __name__ == "__main__":
+    main()
