@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from vqa_async.model.architecture import ServingMPlugVQA
+from vqa_async.model.decoder import FastDecoder
 from vqa_async.model.preprocess import EncodedQuestions, QuestionTokenizer
 
 
@@ -27,11 +28,14 @@ class Answerer:
     """Runs a loaded model. Not thread-safe by design: one executor thread owns it."""
 
     def __init__(self, model: ServingMPlugVQA, tokenizer: QuestionTokenizer, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, decoder: str = "reference") -> None:
+        if decoder not in ("reference", "fast"):
+            raise ValueError(f"unknown decoder {decoder!r}; choose reference or fast")
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
+        self.decoder = decoder
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -57,7 +61,10 @@ class Answerer:
             encoder_attention_mask=image_atts, return_dict=False)
         states = torch.cat([image_output, question_output], 1)
         atts = torch.cat([image_atts, attention_mask], 1)
-        topk_ids, _ = m.generation(states, atts)
+        if self.decoder == "fast":
+            topk_ids, _ = FastDecoder.for_model(m).generate(states, atts)
+        else:
+            topk_ids, _ = m.generation(states, atts)
         return [self._answered(ids[0]) for ids in topk_ids]
 
     def answer(self, pixels: Sequence[torch.Tensor], image_index: Sequence[int],

@@ -135,7 +135,7 @@ DEMO = Preset(
     name="demo",
     config=dict(_VQA_BASE, image_res=64, vision_width=128, clip_name="ViT-B-16", clip_embed_dim=128,
                 clip_image_resolution=64, clip_vision_layers=4, clip_vision_width=128,
-                clip_vision_patch_size=8),
+                clip_vision_patch_size=16),
     bert=dict(_BERT_BASE, hidden_size=128, intermediate_size=512, num_attention_heads=4, num_hidden_layers=2,
               max_position_embeddings=64, encoder_width=128, text_encoder_layers=2, fusion_layers=2,
               text_decode_layers=2),

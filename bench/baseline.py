@@ -1,0 +1,77 @@
+"""The tutorial's way, as a bench system: every request answered alone, no batching, behind an aiohttp front.
+
+For each request: ModelScope's own `MPlugPreprocessor`, then the model's own `forward(train=False)`, one request
+at a time on one thread — what `pipeline(Tasks.visual_question_answering)` does (the unmodified pipeline cannot
+load a serving directory or the narrowed demo model, so it is reproduced step by step).
+
+    python bench/baseline.py --model DIR --port 8100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import orjson
+import torch
+from aiohttp import web
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def build(model_dir: str | None, device: str) -> web.Application:
+    from pipeline_support import install_stand_ins
+
+    install_stand_ins()
+    from modelscope.preprocessors.multi_modal import MPlugPreprocessor
+
+    from vqa_async.model.loader import load_model
+
+    loaded = load_model(model_dir, device=device)
+    pre = MPlugPreprocessor(str(loaded.model_dir))
+    tok = loaded.model.tokenizer
+    one = ThreadPoolExecutor(max_workers=1)
+
+    def answer(image: bytes, question: str) -> str:
+        img = Image.open(io.BytesIO(image)).convert("RGB")
+        inputs = pre({"image": img, "text": question})
+        with torch.no_grad():
+            q = inputs["question"].to(loaded.device)
+            topk, _ = loaded.model(inputs["image"].to(loaded.device), q, train=False)
+        return str(tok.decode(topk[0][0], skip_special_tokens=True))
+
+    async def vqa(request: web.Request) -> web.Response:
+        form = await request.post()
+        f = form["image"]
+        data = f.file.read() if isinstance(f, web.FileField) else b""
+        if isinstance(f, web.FileField):
+            f.file.close()
+        text = await asyncio.get_running_loop().run_in_executor(one, answer, data, str(form["question"]))
+        return web.Response(body=orjson.dumps({"answer": text, "batch_size": 1}), content_type="application/json")
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.Response(text="ready")
+
+    app = web.Application(client_max_size=20 * 2**20)
+    app.router.add_post("/v1/vqa", vqa)
+    app.router.add_get("/readyz", ready)
+    return app
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    web.run_app(build(args.model, args.device), host="127.0.0.1", port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

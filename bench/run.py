@@ -1,0 +1,310 @@
+"""The bench: baseline, serve, cluster and the bare-model ceiling, side by side, in one run, on one model.
+
+    python bench/run.py --systems baseline,serve,cluster,ceiling --concurrency 1,8,32,100 --requests N \
+        --out DIR [--model DIR] [--workers N] [--images FOLDER] [--device cpu] [--decoder reference|fast]
+
+It starts each system itself on free loopback ports, sweeps the concurrency with a closed-loop load generator
+(real images: easy-VQA's test split by default), reads the server's mean batch size from /metrics, and writes
+DIR/results.json (one row per system and concurrency), DIR/results.md and DIR/plot.png. No process is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vqa_async.tools.loadgen import easy_vqa_requests, run_load, summarize  # noqa: E402
+
+QUESTIONS = ["what is in the picture?", "what color is it?", "is there a person?", "how many are there?"]
+
+
+def free_port(pair: bool = False) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if not pair:
+            return port
+        with suppress(OSError), socket.socket() as s:
+            s.bind(("127.0.0.1", port + 1))
+            return port
+
+
+def folder_requests(folder: Path, n: int) -> list[tuple[bytes, str]]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp"))
+    if not files:
+        raise SystemExit(f"no images in {folder}")
+    blobs = [f.read_bytes() for f in files]
+    return [(blobs[i % len(blobs)], QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
+
+
+@dataclass
+class System:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes] | None
+    metrics_urls: list[str] = field(default_factory=list)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
+        with suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready")
+
+
+def start(name: str, args: argparse.Namespace, log_dir: Path) -> System:
+    py = sys.executable
+    model = ["--model", args.model] if args.model else []
+    common = ["--device", args.device, "--decoder", args.decoder] + (
+        ["--max-batch-size", str(args.max_batch_size)] if args.max_batch_size else [])
+    log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    if name == "baseline":
+        port = free_port()
+        proc = subprocess.Popen([py, str(ROOT / "bench" / "baseline.py"), "--port", str(port), "--device",
+                                 args.device] + model, stdout=log, stderr=subprocess.STDOUT)
+        sysm = System(name, f"http://127.0.0.1:{port}", proc)
+    elif name == "serve":
+        port = free_port()
+        proc = subprocess.Popen([py, "-m", "vqa_async.cli", "serve", "--port", str(port)] + model + common,
+                                stdout=log, stderr=subprocess.STDOUT)
+        sysm = System(name, f"http://127.0.0.1:{port}", proc, [f"http://127.0.0.1:{port}/metrics"])
+    elif name == "cluster":
+        port = free_port(pair=True)
+        rdir = Path(tempfile.mkdtemp(prefix="vqa-bench-cluster-"))
+        proc = subprocess.Popen([py, "-m", "vqa_async.cli", "cluster", "--workers", str(args.workers), "--port",
+                                 str(port), "--runtime-dir", str(rdir)] + model + common,
+                                stdout=log, stderr=subprocess.STDOUT)
+        sysm = System(name, f"http://127.0.0.1:{port}", proc)
+        wait_ready(sysm.url, proc)
+        time.sleep(1.5)  # HAProxy's first health checks
+        state = json.loads((rdir / "state.json").read_text())
+        sysm.metrics_urls = [f"http://127.0.0.1:{w['port']}/metrics" for w in state["workers"]]
+        return sysm
+    else:
+        raise ValueError(name)
+    wait_ready(sysm.url, proc)
+    return sysm
+
+
+def batch_totals(urls: list[str]) -> tuple[float, float]:
+    total = count = 0.0
+    for u in urls:
+        with urllib.request.urlopen(u, timeout=5) as r:
+            text = r.read().decode()
+        total += float(re.search(r"^vqa_batch_size_sum ([0-9.e+]+)$", text, re.M).group(1))  # type: ignore[union-attr]
+        count += float(re.search(r"^vqa_batch_size_count ([0-9.e+]+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    return total, count
+
+
+def measure_http(sysm: System, pairs: list[tuple[bytes, str]], concurrency: int) -> dict[str, Any]:
+    asyncio.run(run_load(sysm.url + "/v1/vqa", pairs[: max(2, concurrency)], concurrency))  # warm-up
+    before = batch_totals(sysm.metrics_urls) if sysm.metrics_urls else (0.0, 0.0)
+    t0 = time.monotonic()
+    results = asyncio.run(run_load(sysm.url + "/v1/vqa", pairs, concurrency, timeout_s=300))
+    wall = time.monotonic() - t0
+    row = summarize(results, wall)
+    if sysm.metrics_urls:
+        after = batch_totals(sysm.metrics_urls)
+        calls = after[1] - before[1]
+        row["mean_batch_size"] = round((after[0] - before[0]) / calls, 2) if calls else 0.0
+    else:
+        row["mean_batch_size"] = 1.0
+    return row
+
+
+def measure_ceiling(args: argparse.Namespace, pairs: list[tuple[bytes, str]], levels: list[int]) -> list[dict]:
+    """The bare model on pre-processed batches: no HTTP, no queue, no decoding of uploads."""
+    import torch
+
+    from vqa_async.config import Settings
+    from vqa_async.model.answer import Answerer
+    from vqa_async.model.loader import load_model
+    from vqa_async.model.preprocess import decode_image, image_transform
+
+    settings = Settings(model=args.model, device=args.device, decoder=args.decoder,
+                        max_batch_size=args.max_batch_size or 0)
+    loaded = load_model(args.model, device=settings.device)
+    try:
+        answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype, decoder=args.decoder)
+    except TypeError:  # an Answerer without decoder choice
+        answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype)
+    tf = image_transform(loaded.image_res)
+    pixels = [tf(decode_image(img, 10**8)) for img, _ in pairs]
+    enc = loaded.tokenizer.encode([q for _, q in pairs])
+    rows = []
+    for c in levels:
+        bs = min(c, settings.max_batch_size)
+        answerer.answer(pixels[:bs], list(range(bs)), type(enc)(enc.input_ids[:bs], enc.attention_mask[:bs]))
+        times = []
+        t0 = time.monotonic()
+        for s in range(0, len(pairs), bs):
+            t1 = time.monotonic()
+            n = min(bs, len(pairs) - s)
+            answerer.answer(pixels[s:s + n], list(range(n)),
+                            type(enc)(enc.input_ids[s:s + n], enc.attention_mask[s:s + n]))
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.monotonic() - t1) * 1000)
+        wall = time.monotonic() - t0
+        times.sort()
+
+        def pct(p: float, t: list[float] = times) -> float:
+            return round(t[min(len(t) - 1, int(p / 100 * len(t)))], 1)
+
+        rows.append({"system": "ceiling", "concurrency": c, "requests": len(pairs), "failures": 0,
+                     "answers_per_s": round(len(pairs) / wall, 2), "p50_ms": pct(50), "p95_ms": pct(95),
+                     "p99_ms": pct(99), "mean_batch_size": float(bs)})
+    return rows
+
+
+def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    levels = sorted({r["concurrency"] for r in rows})
+    by = {(r["system"], r["concurrency"]): r for r in rows}
+    lines = [f"# vqa-async bench — {meta['date']}", "",
+             f"model `{meta['model']}`, device {meta['device']}, decoder {meta['decoder']}, "
+             f"{meta['requests']} requests per level, cluster workers {meta['workers']}, machine: {meta['machine']}",
+             "", f"command: `{meta['command']}`", "",
+             "| system | concurrency | answers/s | P50 ms | P95 ms | P99 ms | failures | mean batch |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in systems:
+        for c in levels:
+            r = by.get((s, c))
+            if r:
+                lines.append(f"| {s} | {c} | {r['answers_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
+                             f"{r['failures']} | {r['mean_batch_size']} |")
+    lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |",
+              "| --- | " + " | ".join("---:" for _ in levels) + " |"]
+    for num, den in (("serve", "baseline"), ("cluster", "baseline"), ("cluster", "ceiling"), ("serve", "ceiling")):
+        if num in systems and den in systems:
+            vals = []
+            for c in levels:
+                a, b = by.get((num, c)), by.get((den, c))
+                vals.append(f"{a['answers_per_s'] / b['answers_per_s']:.2f}" if a and b and b["answers_per_s"]
+                            else "–")
+            lines.append(f"| {num}/{den} | " + " | ".join(vals) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for s in systems:
+        pts = [(c, by[(s, c)]) for c in levels if (s, c) in by]
+        ax1.plot([c for c, _ in pts], [r["answers_per_s"] for _, r in pts], marker="o", label=s)
+        if s != "ceiling":
+            ax2.plot([c for c, _ in pts], [r["p95_ms"] for _, r in pts], marker="o", label=s)
+    for ax, title in ((ax1, "throughput (answers/s)"), (ax2, "P95 latency (ms)")):
+        ax.set_xscale("log")
+        ax.set_xticks(levels, [str(c) for c in levels])
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"vqa-async bench: {Path(meta['model']).name} on {meta['device']}")
+    fig.tight_layout()
+    fig.savefig(out / "plot.png", dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--systems", default="baseline,serve,cluster,ceiling")
+    ap.add_argument("--concurrency", default="1,8,32,100")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--model", default=None, help="serving directory (default: the demo model)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--images", default=None, help="a folder of images (default: easy-VQA's test split)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decoder", default="reference", choices=["reference", "fast"])
+    ap.add_argument("--max-batch-size", type=int, default=0)
+    args = ap.parse_args()
+
+    systems = [s for s in args.systems.split(",") if s]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = folder_requests(Path(args.images), args.requests) if args.images else easy_vqa_requests(args.requests)
+    rows: list[dict] = []
+    bar = tqdm(total=len(systems) * len(levels), desc="bench", unit="level")
+    running: list[System] = []
+
+    def stop_all(*_: object) -> None:
+        for s in running:
+            s.stop()
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop_all(), sys.exit(143)))
+    try:
+        for name in systems:
+            if name == "ceiling":
+                bar.set_postfix(system=name)
+                rows += measure_ceiling(args, pairs, levels)
+                bar.update(len(levels))
+                continue
+            bar.set_postfix(system=name, status="starting")
+            sysm = start(name, args, out)
+            running.append(sysm)
+            try:
+                for c in levels:
+                    bar.set_postfix(system=name, concurrency=c)
+                    rows.append({"system": name, "concurrency": c, **measure_http(sysm, pairs, c)})
+                    bar.update(1)
+            finally:
+                sysm.stop()
+                running.remove(sysm)
+    finally:
+        stop_all()
+        bar.close()
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model or "vqa_async/demo", "device": args.device,
+            "decoder": args.decoder, "requests": args.requests, "workers": args.workers,
+            "machine": f"{os.cpu_count()} cores, {os.uname().machine}",
+            "command": " ".join(["python", "bench/run.py"] + sys.argv[1:])}
+    write_outputs(out, rows, meta)
+    by = {(r["system"], r["concurrency"]): r["answers_per_s"] for r in rows}
+    for num, den in (("serve", "baseline"), ("cluster", "baseline"), ("cluster", "ceiling")):
+        for c in levels:
+            if by.get((num, c)) and by.get((den, c)):
+                print(f"{num}/{den} at concurrency {c}: {by[(num, c)] / by[(den, c)]:.2f}")
+    print(f"wrote {out}/results.json, results.md, plot.png")
+
+
+if __name__ == "__main__":
+    main()
