@@ -159,10 +159,7 @@ def measure_ceiling(args: argparse.Namespace, pairs: list[tuple[bytes, str]], le
     settings = Settings(model=args.model, device=args.device, decoder=args.decoder,
                         max_batch_size=args.max_batch_size or 0)
     loaded = load_model(args.model, device=settings.device)
-    try:
-        answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype, decoder=args.decoder)
-    except TypeError:  # an Answerer without decoder choice
-        answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype)
+    answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype, decoder=args.decoder)
     tf = image_transform(loaded.image_res)
     pixels = [tf(decode_image(img, 10**8)) for img, _ in pairs]
     enc = loaded.tokenizer.encode([q for _, q in pairs])
@@ -254,7 +251,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--images", default=None, help="a folder of images (default: easy-VQA's test split)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--decoder", default="reference", choices=["reference", "fast"])
+    ap.add_argument("--decoder", default="fast", choices=["reference", "fast"])
     ap.add_argument("--max-batch-size", type=int, default=0)
     args = ap.parse_args()
 

@@ -13,7 +13,8 @@ from vqa_async.model.answer import Answerer
 from vqa_async.model.loader import DEMO_MODEL_DIR, LoadedModel, load_model
 from vqa_async.tools.synth import synth
 
-torch.set_num_threads(2)
+# The demo model's ops are tiny: one thread is as fast, and does not thrash when the cores are busy.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

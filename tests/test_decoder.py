@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ from vqa_async.model.preprocess import decode_image, image_transform
 
 QUESTIONS = ["what color is the shape?", "what is the shape?", "is there a red circle?",
              "does the image contain a triangle?", "is there a blue shape in the image?"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """These models are tiny: one thread is as fast, and far faster when other work holds the cores (OpenMP
+    threads that wait for a descheduled peer made some of these tests 100x slower on a loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _pixels(loaded: LoadedModel, paths: list[Path]) -> list[torch.Tensor]:
@@ -84,10 +95,10 @@ def test_fast_batch_equals_each_pair_alone(random_demo: LoadedModel, easy_vqa_im
         assert alone.token_ids == batched[i].token_ids, (i, q)
 
 
-@pytest.mark.parametrize("padded", [True, False])
-def test_generate_returns_what_generation_returns(random_demo: LoadedModel, padded: bool) -> None:
+@pytest.mark.parametrize(("padded", "attention"), [(True, "auto"), (False, "auto"), (True, "matmul")])
+def test_generate_returns_what_generation_returns(random_demo: LoadedModel, padded: bool, attention: str) -> None:
     """All beam_size hypotheses, their order and scores, and the return format, on arbitrary decoder inputs; with
-    and without padding in the cross-attention mask."""
+    and without padding in the cross-attention mask; with SDPA (fp32's default) and the reference's sequence."""
     m = random_demo.model
     gen = torch.Generator().manual_seed(3)
     width = m.text_decoder.config.encoder_width
@@ -99,7 +110,7 @@ def test_generate_returns_what_generation_returns(random_demo: LoadedModel, padd
     beams = m.beam_generator.beam_size
     with torch.inference_mode():
         ref_ids, ref_scores = m.generation(states, atts, out_size=beams)
-        ids, scores = FastDecoder.for_model(m).generate(states, atts, out_size=beams)
+        ids, scores = FastDecoder.for_model(m, attention=attention).generate(states, atts, out_size=beams)
     assert len(ids) == len(ref_ids) == 6 and len(scores) == 6
     for r, f, rs, fs in zip(ref_ids, ids, ref_scores, scores):
         assert len(f) == len(r) == beams
@@ -132,10 +143,33 @@ def test_cross_attention_projected_once_per_request(random_demo: LoadedModel) ->
     assert calls == [(3, 12, states.shape[-1])] * layers  # once per layer, on the un-tiled batch
 
 
+def test_half_precision_on_cpu_matches_reference(random_demo_dir: Path) -> None:
+    """bf16 (CPU has no fast fp16): by default the attention runs in the reference's own op sequence, because
+    fused attention's fp32 scores flip the many near-ties of half-precision beam scores."""
+    loaded = load_model(random_demo_dir, dtype=torch.bfloat16)
+    pixels, index, questions = _easy_vqa(loaded, 48)
+    ref, fast = _both(loaded, pixels, index, questions, batch=16)
+    same = sum(r.token_ids == f.token_ids for r, f in zip(ref, fast))
+    assert same >= len(ref) - 1, f"{same}/{len(ref)} identical"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp16_on_gpu_fast_matches_reference(random_demo_dir: Path) -> None:
+@pytest.mark.parametrize(("attention", "at_least"), [("auto", 0.99), ("sdpa", 0.9)])
+def test_fp16_on_gpu_fast_matches_reference(random_demo_dir: Path, attention: str, at_least: float,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 on CUDA, random weights: the default path must give >= 99% identical answers; forced SDPA is only
+    bounded loosely (its fp32 attention scores flip half-precision near-ties; see vqa_async/model/decoder.py)."""
+    import vqa_async.model.answer as answer_module
+
+    class Forced(FastDecoder):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["attention"] = attention
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(answer_module, "FastDecoder", Forced)
     loaded = load_model(random_demo_dir, device="cuda", dtype=torch.float16)
     pixels, index, questions = _easy_vqa(loaded, 200)
     ref, fast = _both(loaded, pixels, index, questions, batch=32)
     same = sum(r.token_ids == f.token_ids for r, f in zip(ref, fast))
-    assert same / len(ref) >= 0.99, f"{same}/{len(ref)} identical"
+    print(f"fp16 CUDA, attention={attention}: {same}/{len(ref)} identical")
+    assert same / len(ref) >= at_least, f"{same}/{len(ref)} identical"

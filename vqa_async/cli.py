@@ -63,10 +63,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vqa_async.tools.evaluate import evaluate
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype)
+    answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype, decoder=args.decoder)
     dump = open(args.dump, "w", encoding="utf-8") if args.dump else None  # noqa: SIM115
     try:
         result = evaluate(loaded, answerer, limit=args.limit, batch_size=args.batch_size, dump=dump)
+        result["decoder"] = args.decoder
     finally:
         if dump:
             dump.close()
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--limit", type=int, default=None, help="first N questions only")
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--decoder", choices=["fast", "reference"], default="fast",
+                    help="fast: cached keys/values (same answers); reference: ModelScope's own beam search")
     ev.add_argument("--dump", default=None, help="write one JSON line per question: question, answer, label")
     ev.set_defaults(func=cmd_eval)
 

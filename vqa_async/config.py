@@ -38,7 +38,8 @@ class Settings:
     max_pixels: int = field(default=40_000_000, metadata={"help": "largest image, in pixels (decompression bombs)"})
     max_questions: int = field(default=16, metadata={"help": "questions per request"})
     max_question_chars: int = field(default=512, metadata={"help": "longest question, in characters"})
-    decoder: str = field(default="reference", metadata={"help": "reference (ModelScope's beam search) or fast"})
+    decoder: str = field(default="fast", metadata={
+        "help": "fast (cached keys/values, same answers) or reference (ModelScope's own beam search)"})
     image_cache_entries: int = field(default=512, metadata={"help": "image embeddings kept for follow-up questions"})
     image_cache_mb: float = field(default=256.0, metadata={"help": "memory bound of that cache"})
     preprocess_threads: int = field(default=2, metadata={"help": "threads decoding and resizing images"})

@@ -79,14 +79,15 @@ class VqaService:
             if s.torch_threads:
                 torch.set_num_threads(s.torch_threads)
             self.loaded = load_model(s.model, device=s.device, dtype=s.dtype)
-            return Answerer(self.loaded.model, self.loaded.tokenizer, self.loaded.device, self.loaded.dtype)
+            return Answerer(self.loaded.model, self.loaded.tokenizer, self.loaded.device, self.loaded.dtype,
+                            decoder=s.decoder)
 
         await self.executor.start(load)
         assert self.loaded is not None
         self._transform = image_transform(self.loaded.image_res)
         self._batcher = asyncio.create_task(self._run_batches(), name="vqa-batcher")
-        log.info("ready: model %s on %s, max batch %d questions, max wait %.1f ms, queue %d", self.model_name,
-                 s.device, s.max_batch_size, s.max_wait_ms, s.max_queue)
+        log.info("ready: model %s on %s, %s decoder, max batch %d questions, max wait %.1f ms, queue %d",
+                 self.model_name, s.device, s.decoder, s.max_batch_size, s.max_wait_ms, s.max_queue)
 
     async def stop(self) -> None:
         if self._batcher is not None:

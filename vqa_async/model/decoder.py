@@ -11,7 +11,8 @@ once per beam. Here, with the decoder's own modules and weights (nothing is copi
 - the self-attention keys/values of earlier positions are cached and reordered with the beams, so each step
   feeds only the newest token of each beam through the decoder (the reference recomputes the prefix, whose rows
   cannot change: the self-attention is causal);
-- attention is `torch.nn.functional.scaled_dot_product_attention`.
+- attention is `torch.nn.functional.scaled_dot_product_attention` in fp32; in fp16/bf16 it is, by default, the
+  reference's own sequence (matmul, `clamp_inf`, / sqrt(head_dim), + mask, softmax, matmul): see below.
 
 The beam search itself is `_fast_translate_batch` line by line (start 101, end 102, the length penalty
 ((5 + step + 1) / 6) ** 0.6 applied as there, min_length, max_length, only beam 0 alive at the first step,
@@ -21,21 +22,27 @@ dtype, the same topk over beams*vocab. It returns what the reference returns: pe
 token-id tensors, best first, each starting with the start token 101 and ending with the end token 102 (or
 whatever token was last at max_length), and per sample a list of 0-d score tensors.
 
-What cannot be bit-identical: fused attention sums in another order than the reference's matmul + softmax, and
-the GEMMs run on fewer rows; logits differ from the reference's in the last bits (fp32) or last fp16/bf16 digits,
-which can flip a beam only where two candidates are (nearly) tied. The reference also clamps infinite fp16
-attention scores (`clamp_inf`) before the mask; fused attention has no such step (only overflowing scores differ).
+What cannot be bit-identical: the GEMMs run on other row counts than the reference's (one row per beam instead of
+the whole prefix), and fused attention sums in another order; logits then differ in the last bits, which flips a
+beam only where two candidates are (nearly) tied. In fp32 that has not shown (all answers identical in the tests
+and benches). In fp16/bf16 it does: fused attention keeps the scores in fp32 where the reference rounds them to
+the model's dtype, and the beam scores are themselves held in fp16/bf16, so ties are common. On random weights
+(long arbitrary answers, on CPU) SDPA gave 94/96 identical answers in fp16 and 85/96 in bf16, the reference's
+sequence 96/96 in both. Hence `attention="auto"`: SDPA in fp32, the reference's sequence in half precision (still
+on cached keys/values projected once: the costly part is gone either way); "sdpa" and "matmul" force one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+ATTENTION = ("auto", "sdpa", "matmul")
 
 
 @dataclass
@@ -55,10 +62,12 @@ class CrossKV:
 class FastDecoder:
     """Decodes with a `BertLMHeadModel`'s own modules. Stateless between calls; not thread-safe (nor is torch)."""
 
-    def __init__(self, text_decoder: nn.Module, beam_size: int = 5, min_length: int = 1, max_length: int = 10,
-                 alpha: float = 0.6, start_token: int = 101, end_token: int = 102) -> None:
-        self.decoder = text_decoder
-        bert = text_decoder.bert
+    def __init__(self, text_decoder: Any, beam_size: int = 5, min_length: int = 1, max_length: int = 10,
+                 alpha: float = 0.6, start_token: int = 101, end_token: int = 102, attention: str = "auto") -> None:
+        if attention not in ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTION)}")
+        self.decoder = text_decoder  # ModelScope's BertLMHeadModel
+        bert: Any = text_decoder.bert
         config = bert.config
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError("the fast decoder supports absolute position embeddings only")
@@ -67,25 +76,45 @@ class FastDecoder:
         if max_length > config.max_position_embeddings:
             raise ValueError(f"max_length {max_length} exceeds the decoder's {config.max_position_embeddings} "
                              f"position embeddings")
-        self.embeddings = bert.embeddings
+        self.embeddings: Any = bert.embeddings
         self.layers: Sequence[Any] = list(bert.encoder.layer)
-        self.cls = text_decoder.cls
+        self.cls: Any = text_decoder.cls
         self.heads = int(config.num_attention_heads)
         self.head_dim = int(config.hidden_size) // self.heads
         self.hidden = self.heads * self.head_dim
         self.beam_size = int(beam_size)
         self.min_length = int(min_length)
         self.max_length = int(max_length)
-        self.alpha = float(alpha) + 0.2
+        self.alpha = float(alpha)
         self.start_token = int(start_token)
         self.end_token = int(end_token)
+        self.attention = attention
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> FastDecoder:
+    def for_model(cls, model: Any, attention: str = "auto") -> FastDecoder:
         """The decoder of an `MPlugForVisualQuestionAnswering`, with its `beam_generator`'s search settings."""
-        g = model.beam_generator
+        g: Any = model.beam_generator
         return cls(model.text_decoder, beam_size=g.beam_size, min_length=g.min_length, max_length=g.max_length,
-                   alpha=g.alpha, start_token=g.start_token, end_token=g.end_token)
+                   alpha=g.alpha, start_token=g.start_token, end_token=g.end_token, attention=attention)
+
+    def uses_sdpa(self, dtype: torch.dtype) -> bool:
+        return self.attention == "sdpa" or (self.attention == "auto" and dtype == torch.float32)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                sdpa: bool) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim) + mask) v, over (..., L, head_dim) tensors."""
+        if sdpa:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # BertSelfAttention.forward's own sequence, in the model's dtype.
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        if scores.dtype == torch.float16:
+            # modeling_mplug.clamp_inf, without its host sync: clamp only if some score is infinite.
+            limit = torch.finfo(scores.dtype).max - 1000
+            scores = torch.where(torch.isinf(scores).any(), scores.clamp(min=-limit, max=limit), scores)
+        scores = scores / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores + mask
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
 
     # -- the decoder, one token per beam -------------------------------------------------------------------------
 
@@ -118,6 +147,7 @@ class FastDecoder:
         batch = cross.keys[0].shape[0] if cross.keys else n
         beams = n // batch
         emb = self.embeddings
+        sdpa = self.uses_sdpa(cache.dtype)
         ids = tokens.view(n, 1)
         # BertEmbeddings.forward, for one position: word + token type 0, then += position, LayerNorm, dropout.
         x = emb.word_embeddings(ids)
@@ -130,13 +160,12 @@ class FastDecoder:
             q = self._heads(sa.query(x))
             cache[i, 0, :, :, position] = sa.key(x).view(n, self.heads, self.head_dim)
             cache[i, 1, :, :, position] = sa.value(x).view(n, self.heads, self.head_dim)
-            ctx = F.scaled_dot_product_attention(q, cache[i, 0, :, :, :position + 1],
-                                                 cache[i, 1, :, :, :position + 1])
+            ctx = self._attend(q, cache[i, 0, :, :, :position + 1], cache[i, 1, :, :, :position + 1], None, sdpa)
             a = layer.attention.output(ctx.transpose(1, 2).reshape(n, 1, self.hidden), x)
             # Cross-attention: the beams of a sample are its queries, against its keys/values (projected once).
             ca = layer.crossattention.self
             qc = ca.query(a).view(batch, beams, self.heads, self.head_dim).transpose(1, 2)
-            ctx = F.scaled_dot_product_attention(qc, cross.keys[i], cross.values[i], attn_mask=cross.mask)
+            ctx = self._attend(qc, cross.keys[i], cross.values[i], cross.mask, sdpa)
             c = layer.crossattention.output(ctx.transpose(1, 2).reshape(n, 1, self.hidden), a)
             x = layer.output(layer.intermediate(c), c)
         logits: torch.Tensor = self.cls(x)
@@ -227,7 +256,7 @@ class FastDecoder:
         return pred_ids, scores
 
 
-def fast_generation(model: nn.Module, states: torch.Tensor, atts: torch.Tensor,
+def fast_generation(model: Any, states: torch.Tensor, atts: torch.Tensor,
                     out_size: int = 1) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
     """Drop-in for `model.generation(states, atts, out_size)`."""
     return FastDecoder.for_model(model).generate(states, atts, out_size=out_size)

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 from transformers import BertTokenizer
 
@@ -49,6 +49,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError("image_too_large", f"the image has {w}x{h} pixels, more than the {max_pixels} allowed")
+            # Some of ModelScope's modules set this process-wide flag on import, which makes Pillow pad a
+            # truncated upload with grey instead of refusing it. A server must refuse it.
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
             img.load()
     except ImageError:
         raise
