@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 WORKERS ?= 2
 PORT ?= 8080
 
-.PHONY: run serve test lint system install install-test
+.PHONY: run serve test bench system install install-test
 
 run: install system  ## the main job: the HAProxy cluster on the demo model at http://127.0.0.1:$(PORT)
 	$(VENV)/bin/vqa-async cluster --workers $(WORKERS) --port $(PORT)
@@ -18,6 +18,11 @@ test: install-test system  ## the whole suite (CI runs exactly this)
 	$(VENV)/bin/ruff check vqa_async tests bench
 	$(VENV)/bin/mypy vqa_async
 	$(PY) -m pytest
+
+bench: install-test system  ## baseline, serve, cluster and ceiling side by side on the demo model -> bench/out
+	$(PIP) matplotlib
+	$(PY) bench/run.py --systems baseline,serve,cluster,ceiling --concurrency 1,8,32,100 --requests 300 \
+	  --out bench/out
 
 system:  ## Debian packages: HAProxy (the front), Chromium + driver (page tests), ab (load checks)
 	@if ! command -v haproxy >/dev/null || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \

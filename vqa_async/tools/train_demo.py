@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -56,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="questions drawn per image and step (0: all of them, ~10)")
     ap.add_argument("--init", default=None, help="start from this serving directory's weights instead of random")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--vision-lr-mult", type=float, default=1.0,
+                    help="learning-rate multiplier for the vision encoder, which learns shapes slowly from the "
+                         "answer loss alone")
+    ap.add_argument("--aux-shape-weight", type=float, default=0.0,
+                    help="weight of an auxiliary shape-classification loss on the pooled ViT output (training only; "
+                         "the head is not saved): it gives the vision encoder a direct signal")
     ap.add_argument("--warmup", type=float, default=0.05, help="share of steps with linear warm-up")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -99,7 +106,17 @@ def main(argv: list[str] | None = None) -> None:
         math.ceil(len(images) / args.images_per_step)
     total = steps_per_epoch * args.epochs
     warmup = max(1, int(total * args.warmup))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.02)
+    # Images whose shape a training answer names: the auxiliary loss's labels (-100: unknown, ignored).
+    shape_label = torch.full((pixels.shape[0],), -100, dtype=torch.long)
+    for ans, ii in zip(answers, image_ids):
+        if ans in SHAPES:
+            shape_label[ii] = SHAPES.index(ans)
+    aux_head = torch.nn.Linear(int(config.clip_vision_width), len(SHAPES)) if args.aux_shape_weight else None
+    vision = [p for n, p in model.named_parameters() if n.startswith("visual_encoder.")]
+    vision += list(aux_head.parameters()) if aux_head is not None else []
+    rest = [p for n, p in model.named_parameters() if not n.startswith("visual_encoder.")]
+    opt = torch.optim.AdamW([{"params": rest, "lr": args.lr},
+                             {"params": vision, "lr": args.lr * args.vision_lr_mult}], weight_decay=0.02)
 
     def lr_factor(s: int) -> float:  # linear warm-up, then cosine to zero
         return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
@@ -125,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
                 chosen = [pick(by_image[ii], args.questions_per_image, rng) for ii in group]
                 idx = torch.tensor([qi for qs in chosen for qi in qs])
                 which = torch.tensor([g for g, qs in enumerate(chosen) for _ in qs])
+            aux = (aux_head, shape_label[torch.tensor(group)], args.aux_shape_weight) if aux_head is not None else None
             loss = vqa_loss(model, pixels[torch.tensor(group)], which, q_ids[idx], q_mask[idx],
-                            a.input_ids[idx], a.attention_mask[idx])
+                            a.input_ids[idx], a.attention_mask[idx], aux)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -142,7 +160,12 @@ def main(argv: list[str] | None = None) -> None:
             save_serving_weights(model, out, dtype=torch.float32)
     train_s = time.time() - t_start
     save_serving_weights(model, out, dtype=torch.float32)
+    previous = None
+    if args.init and (Path(args.init) / "TRAINING.json").exists():  # a continued run keeps its history
+        previous = json.loads((Path(args.init) / "TRAINING.json").read_text())
     (out / "TRAINING.json").write_text(json.dumps({
+        "command": "python -m vqa_async.tools.train_demo " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "vision_lr_mult": args.vision_lr_mult, "aux_shape_weight": args.aux_shape_weight, "previous": previous,
         "dataset": "easy-vqa 1.0 (train split)", "epochs": args.epochs,
         "batch_size": args.batch_size, "images_per_step": args.images_per_step,
         "questions_per_image": args.questions_per_image,
@@ -159,11 +182,21 @@ def pick(questions: list[int], k: int, rng: random.Random) -> list[int]:
     return questions if k <= 0 or k >= len(questions) else rng.sample(questions, k)
 
 
+SHAPES = ["circle", "rectangle", "triangle"]
+
+
 def vqa_loss(model: ServingMPlugVQA, pixels: torch.Tensor, which: torch.Tensor, q_ids: torch.Tensor,
-             q_mask: torch.Tensor, a_ids: torch.Tensor, a_mask: torch.Tensor) -> torch.Tensor:
+             q_mask: torch.Tensor, a_ids: torch.Tensor, a_mask: torch.Tensor,
+             aux: tuple[torch.nn.Module, torch.Tensor, float] | None = None) -> torch.Tensor:
     """`MPlugForVisualQuestionAnswering.forward(train=True)` with distill off, the ViT run once per distinct image:
     question i is about `pixels[which[i]]`. Mean over questions of each answer's summed token loss."""
-    embeds = model.visual_encoder.visual(pixels, skip_last_layer=True)
+    vision_out = model.visual_encoder.visual(pixels, skip_last_layer=True)
+    aux_loss = torch.zeros(())
+    if aux is not None:
+        head, labels, weight = aux
+        if bool((labels >= 0).any()):
+            aux_loss = weight * torch.nn.functional.cross_entropy(head(vision_out.mean(1)), labels, ignore_index=-100)
+    embeds = vision_out
     if model.large:
         embeds = model.dropout(model.visn_layer_norm(model.visn_fc(embeds)))
     embeds = embeds.index_select(0, which)
@@ -177,7 +210,7 @@ def vqa_loss(model: ServingMPlugVQA, pixels: torch.Tensor, which: torch.Tensor, 
     targets = a_ids.masked_fill(a_ids == model.tokenizer.pad_token_id, -100)
     out = model.text_decoder(a_ids, attention_mask=a_mask, encoder_hidden_states=states,
                              encoder_attention_mask=atts, labels=targets, return_dict=True, reduction="none")
-    return out.loss.sum() / q_ids.shape[0]
+    return out.loss.sum() / q_ids.shape[0] + aux_loss
 
 
 @torch.no_grad()
