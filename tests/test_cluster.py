@@ -187,12 +187,13 @@ def test_workers_share_one_copy_of_the_weights(cluster: RunningCluster, demo_dir
 
 
 def test_overload_at_the_front_is_a_fast_503(tmp_path: Path, demo_dir: Path) -> None:
+    # One worker taking one request at a time; 200 arrive at once, far more than it answers within 0.1 s.
     cl = start_cluster(tmp_path, demo_dir, "--max-queue", "1", "--max-batch-size", "1", "--server-maxconn", "1",
-                       "--queue-timeout-s", "0.5", workers=1)
+                       "--queue-timeout-s", "0.1", workers=1)
     try:
-        pairs = easy_vqa_requests(60)
+        pairs = easy_vqa_requests(200)
         t0 = time.monotonic()
-        results = asyncio.run(run_load(cl.url + "/v1/vqa", pairs, concurrency=60, timeout_s=30))
+        results = asyncio.run(run_load(cl.url + "/v1/vqa", pairs, concurrency=200, timeout_s=30))
         rejected = [r for r in results if r.status == 503]
         assert rejected, Counter(r.status for r in results)
         assert all(json.loads(r.error or "{}")["error"]["code"] == "overloaded" for r in rejected)

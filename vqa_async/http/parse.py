@@ -8,8 +8,7 @@ import binascii
 from dataclasses import dataclass
 
 import orjson
-from aiohttp import web
-from multidict import MultiDictProxy
+from aiohttp import BodyPartReader, web
 
 from vqa_async.config import Settings
 from vqa_async.http.errors import ApiError
@@ -40,41 +39,51 @@ async def read_vqa_input(request: web.Request, settings: Settings) -> VqaInput:
 
 
 async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
-    try:
+    if request.content_type == "application/x-www-form-urlencoded":  # a form with no file in it
         form = await request.post()
-    except web.HTTPRequestEntityTooLarge:
-        raise
-    except UnicodeDecodeError as e:
-        raise bad("invalid_utf8", "a form field is not valid UTF-8") from e
-    except ValueError as e:  # malformed multipart
-        raise bad("invalid_multipart", f"the multipart body cannot be read: {e}") from e
+        texts = [v for k in ("question", "questions") for v in form.getall(k, [])]
+        return _form_input(None, [v if isinstance(v, str) else bytes(v) for v in texts if not
+                                  isinstance(v, web.FileField)], settings)
+    # Read the parts ourselves, in memory and bounded: no spooled temporary files to leak on a bad request.
+    image: bytes | None = None
+    questions: list[str | bytes] = []
+    total = 0
     try:
-        return _read_form(form, settings)
-    finally:  # aiohttp spools uploads to temporary files: close them whatever happened
-        for value in form.values():
-            if isinstance(value, web.FileField):
-                value.file.close()
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise bad("invalid_multipart", "nested multipart bodies are not accepted")
+            data = await part.read()
+            total += len(data)
+            if total > settings.max_body_bytes:
+                raise bad("body_too_large", f"the upload is larger than {settings.max_body_mb:g} MB", 413)
+            if part.name == "image":
+                if part.filename is None:
+                    raise bad("missing_image", "the 'image' field must be a file upload, not text")
+                image = bytes(data)
+            elif part.name in ("question", "questions"):
+                if part.filename is not None:
+                    raise bad("invalid_field", "'question' must be text, not a file")
+                questions.append(bytes(data))
+    except ApiError:
+        raise
+    except (ValueError, AssertionError, web.HTTPException) as e:  # malformed framing
+        if isinstance(e, web.HTTPException) and e.status == 413:
+            raise
+        raise bad("invalid_multipart", f"the multipart body cannot be read: {e}") from e
+    return _form_input(image, questions, settings)
 
 
-def _read_form(form: MultiDictProxy[str | bytes | bytearray | web.FileField], settings: Settings) -> VqaInput:
-    image = form.get("image")
+def _form_input(image: bytes | None, raw_questions: list[str | bytes], settings: Settings) -> VqaInput:
     if image is None:
         raise bad("missing_image", "add the picture as a file field named 'image'")
-    if isinstance(image, web.FileField):
-        data = image.file.read()
-    elif isinstance(image, str | bytes):
-        raise bad("missing_image", "the 'image' field must be a file upload, not text")
-    else:  # pragma: no cover - aiohttp yields only these types
-        raise bad("missing_image", "unreadable 'image' field")
-    questions: list[str] = []
-    for q in list(form.getall("question", [])) + list(form.getall("questions", [])):
-        if isinstance(q, web.FileField):
-            raise bad("invalid_field", "'question' must be text, not a file")
+    questions = []
+    for q in raw_questions:
         try:
-            questions.append(q if isinstance(q, str) else bytes(q).decode("utf-8"))
+            questions.append(q if isinstance(q, str) else q.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise bad("invalid_utf8", "the question is not valid UTF-8") from e
-    return VqaInput(data, check_questions(questions, settings), plural=len(questions) > 1)
+    return VqaInput(image, check_questions(questions, settings), plural=len(questions) > 1)
 
 
 async def _from_json(request: web.Request, settings: Settings) -> VqaInput:

@@ -133,7 +133,7 @@ def load_model(model_dir: str | os.PathLike[str] | None = None, device: str | to
             copies += 1
     model.load_state_dict(state, strict=False, assign=True)
     _restore_derived(model, dev)
-    model.eval()
+    model.eval().requires_grad_(False)  # inference only: no autograd bookkeeping on the weights
     meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if meta:
         raise ModelLoadError(f"{path}: tensors left without weights: {', '.join(meta[:5])}")
