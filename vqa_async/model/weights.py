@@ -26,4 +26,5 @@ def save_serving_weights(model: nn.Module, dst: str | os.PathLike[str], dtype: t
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "vqa-async"})
     os.replace(tmp, path)
+    path.chmod(0o644)  # safetensors writes 0600; workers may run as another user
     return path

@@ -127,4 +127,5 @@ def convert(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, 
     tmp = dst / (WEIGHTS_NAME + ".tmp")
     save_file(out, str(tmp), metadata={"format": "pt", "producer": "vqa-async convert", "source": str(src)})
     tmp.replace(dst / WEIGHTS_NAME)
+    (dst / WEIGHTS_NAME).chmod(0o644)  # safetensors writes 0600; workers may run as another user
     return report

@@ -45,4 +45,5 @@ def synth(preset: str, dst: str | Path, dtype: torch.dtype = torch.float16, seed
     tmp = dst / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "producer": f"vqa-async synth {preset} seed={seed}"})
     tmp.replace(dst / WEIGHTS_NAME)
+    (dst / WEIGHTS_NAME).chmod(0o644)  # safetensors writes 0600; workers may run as another user
     return total
