@@ -39,11 +39,8 @@ async def read_vqa_input(request: web.Request, settings: Settings) -> VqaInput:
 
 
 async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
-    if request.content_type == "application/x-www-form-urlencoded":  # a form with no file in it
-        form = await request.post()
-        texts = [v for k in ("question", "questions") for v in form.getall(k, [])]
-        return _form_input(None, [v if isinstance(v, str) else bytes(v) for v in texts if not
-                                  isinstance(v, web.FileField)], settings)
+    if request.content_type == "application/x-www-form-urlencoded":  # such a form cannot carry a file
+        raise bad("missing_image", "add the picture as a file field named 'image' (a multipart/form-data upload)")
     # Read the parts ourselves, in memory and bounded: no spooled temporary files to leak on a bad request.
     image: bytes | None = None
     questions: list[str | bytes] = []
