@@ -90,7 +90,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from vqa_async.model.loader import parse_dtype
     from vqa_async.tools.synth import synth
 
-    n = synth(args.preset, args.dst, dtype=parse_dtype(args.dtype) or __import__("torch").float16, seed=args.seed)
+    dtype = parse_dtype(args.dtype)
+    assert dtype is not None  # argparse's choices name a dtype
+    n = synth(args.preset, args.dst, dtype=dtype, seed=args.seed)
     print(f"wrote {args.dst}: preset {args.preset}, {n / 1e6:.1f} M parameters, {args.dtype}")
     return 0
 
