@@ -19,17 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from vqa_async.cluster.supervisor import free_port
 from vqa_async.model.architecture import WEIGHTS_NAME
 from vqa_async.model.memory import file_pss
 from vqa_async.tools.loadgen import easy_vqa_requests, run_load
 
 pytestmark = pytest.mark.skipif(not Path("/usr/sbin/haproxy").exists(), reason="needs Debian's haproxy")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

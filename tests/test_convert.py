@@ -70,27 +70,28 @@ def test_convert_to_float16(upstream, tmp_path: Path) -> None:  # type: ignore[n
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
 
 
+def with_checkpoint(src: Path, dst: Path, state: dict[str, torch.Tensor]) -> Path:
+    """A copy of the ModelScope directory `src` whose pytorch_model.bin holds `state`."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    torch.save(state, dst / "pytorch_model.bin")
+    return dst
+
+
 def test_missing_keys_are_refused(upstream, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     src, model = upstream
-    bad = tmp_path / "src"
-    bad.mkdir()
-    for f in src.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("text_encoder.")}
-    torch.save(state, bad / "pytorch_model.bin")
+    bad = with_checkpoint(src, tmp_path / "src", state)
     with pytest.raises(ConvertError, match="lacks .* tensors the model needs"):
         convert(bad, tmp_path / "dst", progress=False)
 
 
 def test_mismatched_shapes_are_refused(upstream, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     src, model = upstream
-    bad = tmp_path / "src"
-    bad.mkdir()
-    for f in src.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
     state = dict(model.state_dict())
     state["visual_encoder.visual.ln_pre.weight"] = torch.ones(7)
-    torch.save(state, bad / "pytorch_model.bin")
+    bad = with_checkpoint(src, tmp_path / "src", state)
     with pytest.raises(ConvertError, match="shapes differ"):
         convert(bad, tmp_path / "dst", progress=False)
 
