@@ -63,6 +63,7 @@ class System:
     url: str
     proc: subprocess.Popen[bytes] | None
     metrics_urls: list[str] = field(default_factory=list)
+    runtime_dir: Path | None = None  # the cluster's, with its state.json
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -91,7 +92,7 @@ def start(name: str, args: argparse.Namespace, log_dir: Path) -> System:
     py = sys.executable
     model = ["--model", args.model] if args.model else []
     common = ["--device", args.device, "--decoder", args.decoder] + (
-        ["--max-batch-size", str(args.max_batch_size)] if args.max_batch_size else [])
+        ["--max-batch-size", str(args.max_batch_size)] if args.max_batch_size else []) + getattr(args, "extra", [])
     log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
     if name == "baseline":
         port = free_port()
@@ -109,7 +110,7 @@ def start(name: str, args: argparse.Namespace, log_dir: Path) -> System:
         proc = subprocess.Popen([py, "-m", "vqa_async.cli", "cluster", "--workers", str(args.workers), "--port",
                                  str(port), "--runtime-dir", str(rdir)] + model + common,
                                 stdout=log, stderr=subprocess.STDOUT)
-        sysm = System(name, f"http://127.0.0.1:{port}", proc)
+        sysm = System(name, f"http://127.0.0.1:{port}", proc, runtime_dir=rdir)
         wait_ready(sysm.url, proc)
         time.sleep(1.5)  # HAProxy's first health checks
         state = json.loads((rdir / "state.json").read_text())

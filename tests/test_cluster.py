@@ -200,3 +200,17 @@ def test_overload_at_the_front_is_a_fast_503(tmp_path: Path, demo_dir: Path) -> 
         assert time.monotonic() - t0 < 30
     finally:
         stop_cluster(cl)
+
+
+def test_a_relative_runtime_dir_gives_a_config_haproxy_accepts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              demo_dir: Path) -> None:
+    # HAProxy reads a relative `stats socket` path as host:port; the supervisor must hand it an absolute one.
+    from vqa_async.cluster import haproxy
+    from vqa_async.cluster.supervisor import Cluster, ClusterOptions
+    from vqa_async.config import Settings
+
+    monkeypatch.chdir(tmp_path)
+    cluster = Cluster(ClusterOptions(workers=1, port=free_port(), runtime_dir=Path("rt")),
+                      Settings(model=str(demo_dir), device="cpu"))
+    assert cluster.admin_socket.is_absolute()
+    asyncio.run(haproxy.check_config(cluster._render()))

@@ -61,6 +61,12 @@ async def test_multipart_answer_with_timings(client: TestClient[Any, Any], easy_
     assert isinstance(body["answer"], str) and body["answer"]
     assert body["model"] == demo_dir.name
     assert body["batch_size"] >= 1 and body["compute_ms"] > 0 and body["queue_ms"] >= 0
+    # The bench's profile reads where the time went from these.
+    app = client.server.app
+    assert app is not None
+    for stage in ("decode", "preprocess", "vision", "decoder"):
+        assert metric(app, "vqa_stage_seconds_total", {"stage": stage}) > 0, stage
+        assert metric(app, "vqa_stage_cpu_seconds_total", {"stage": stage}) >= 0, stage
 
 
 async def test_repeated_question_field_gives_answers(client: TestClient[Any, Any],
@@ -318,7 +324,7 @@ async def test_health_ready_metrics_openapi(client: TestClient[Any, Any]) -> Non
     text = await (await client.get("/metrics")).text()
     for name in ("vqa_requests_total", "vqa_request_latency_seconds", "vqa_queue_depth", "vqa_batch_size",
                  "vqa_queue_wait_seconds", "vqa_compute_seconds", "vqa_image_cache_hits_total",
-                 "vqa_dropped_requests_total"):
+                 "vqa_dropped_requests_total", "process_cpu_seconds_total"):
         assert name in text, name
     spec = await (await client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.")

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+# Where the time of a request goes, for the bench's profile: per request `decode` (image bytes to an upright RGB
+# image) and `preprocess` (resize, normalize, tokenize, hash); per model call `vision` (the vision encoder) and
+# `decoder` (text encoder, fusion and answer generation). HTTP is the process's CPU time minus these.
+STAGES = ("decode", "preprocess", "vision", "decoder")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -31,5 +40,22 @@ class Metrics:
         self.batch_failures = Counter("vqa_batch_failures", "model calls that raised", ["kind"], registry=r)
         self.batch_cap = Gauge("vqa_batch_cap", "current questions-per-call cap (lowered after out-of-memory)",
                                registry=r)
+        self.stage_seconds = Counter("vqa_stage_seconds", "wall time spent in each stage", ["stage"], registry=r)
+        self.stage_cpu = Counter("vqa_stage_cpu_seconds", "CPU time of the thread that ran each stage "
+                                 "(the whole stage when torch runs single-threaded)", ["stage"], registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory
         for reason in ("client_left", "deadline"):
             self.dropped.labels(reason)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+            self.stage_cpu.labels(stage)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Counts the wall and thread CPU time of the block under `vqa_stage_*_seconds{stage=name}`."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.stage_seconds.labels(name).inc(time.perf_counter() - wall)
+            self.stage_cpu.labels(name).inc(time.thread_time() - cpu)

@@ -147,7 +147,8 @@ class ModelExecutor:
         self.metrics.cache_misses.inc(len(misses))
         if misses:
             first = {i.image_key: i for i in reversed(items)}
-            fresh = self.answerer.encode_images(torch.stack([first[k].pixels for k in misses]))
+            with self.metrics.stage("vision"):
+                fresh = self.answerer.encode_images(torch.stack([first[k].pixels for k in misses]))
             for k, e in zip(misses, fresh):
                 embeds[k] = e
                 # A row of a batch tensor would keep the whole batch alive in the cache: keep a copy of the row.
@@ -155,7 +156,8 @@ class ModelExecutor:
         rows = [embeds[i.image_key] for i in items for _ in range(i.size)]
         questions = EncodedQuestions(torch.cat([i.input_ids for i in items]),
                                      torch.cat([i.attention_mask for i in items]))
-        answers = self.answerer.answer_embedded(torch.stack(rows), questions)
+        with self.metrics.stage("decoder"):
+            answers = self.answerer.answer_embedded(torch.stack(rows), questions)
         n = sum(i.size for i in items)
         if len(answers) != n:  # every future is answered, with the answer that is its own
             raise RuntimeError(f"the model returned {len(answers)} answers for {n} questions")

@@ -152,7 +152,10 @@ class VqaService:
 
     def _prepare(self, image: bytes, questions: list[str]) -> Prepared:
         assert self.loaded is not None and self._transform is not None
-        key = hashlib.sha256(image).hexdigest()
-        pixels = self._transform(decode_image(image, self.settings.max_pixels))
-        enc = self.loaded.tokenizer.encode(questions)
+        with self.metrics.stage("decode"):
+            decoded = decode_image(image, self.settings.max_pixels)
+        with self.metrics.stage("preprocess"):
+            key = hashlib.sha256(image).hexdigest()
+            pixels = self._transform(decoded)
+            enc = self.loaded.tokenizer.encode(questions)
         return Prepared(key, pixels, enc.input_ids, enc.attention_mask)

@@ -84,7 +84,8 @@ class Cluster:
         self.opt = options
         self.serve = serve
         self.model = serve.model
-        self.runtime_dir = options.runtime_dir or runtime_dir_for(options.port)
+        # Absolute: HAProxy reads a relative `stats socket` path as host:port and refuses the config.
+        self.runtime_dir = (options.runtime_dir or runtime_dir_for(options.port)).resolve()
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         self.admin_socket = self.runtime_dir / "haproxy.sock"
         self.api = haproxy.RuntimeApi(self.admin_socket)

@@ -1,0 +1,146 @@
+"""Where the time goes: CPU time per answer and per batch, by stage and by process, under load.
+
+    python bench/profile.py [--system cluster|serve] [--workers N] [--concurrency 32] [--requests 1000]
+        [--model DIR] [--out DIR] [any other serve flag, e.g. --torch-threads 1]
+
+It starts the system (as bench/run.py does), sends a closed-loop load, and reads CPU time from three sources:
+the load generator's own process (this one), HAProxy's and the supervisor's /proc entries, and each worker's
+/metrics (`process_cpu_seconds_total`, and `vqa_stage_cpu_seconds{stage}` for decode, preprocess, vision
+encoder and decoder). A worker's HTTP share is its process CPU minus its stages. The stage figures are thread CPU
+times, so they are whole only when torch runs one thread per worker (the cluster's default on CPU). On CUDA the
+model stages are wall times of asynchronous launches; read them with care. Writes DIR/profile.json and
+DIR/profile.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import System, start  # noqa: E402
+
+from vqa_async.metrics import STAGES  # noqa: E402
+from vqa_async.tools.loadgen import easy_vqa_requests, run_load, summarize  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of a process (0 when it is gone)."""
+    if not pid:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for name, label, value in re.findall(r'^(\w+)(?:\{stage="(\w+)"\})? ([0-9.e+-]+)$', text, re.M):
+        out[f"{name}:{label}" if label else name] = float(value)
+    return out
+
+
+def snapshot(sysm: System, state: dict[str, Any] | None) -> dict[str, Any]:
+    t = os.times()
+    snap: dict[str, Any] = {"loadgen": t.user + t.system, "workers": [scrape(u) for u in sysm.metrics_urls]}
+    if state:
+        snap["haproxy"] = proc_cpu(state["haproxy_pid"])
+        snap["supervisor"] = proc_cpu(state["pid"])
+    return snap
+
+
+def profile(before: dict[str, Any], after: dict[str, Any], answers: int, wall: float) -> dict[str, Any]:
+    def worker_sum(key: str) -> float:
+        return sum(a.get(key, 0.0) - b.get(key, 0.0) for a, b in zip(after["workers"], before["workers"], strict=True))
+
+    cpu: dict[str, float] = {"load generator": after["loadgen"] - before["loadgen"]}
+    if "haproxy" in after:
+        cpu["HAProxy"] = after["haproxy"] - before["haproxy"]
+        cpu["supervisor"] = after["supervisor"] - before["supervisor"]
+    stages = {s: worker_sum(f"vqa_stage_cpu_seconds_total:{s}") for s in STAGES}
+    worker_total = worker_sum("process_cpu_seconds_total")
+    cpu["worker: HTTP, JSON, queue, batching (the rest)"] = worker_total - sum(stages.values())
+    for s, v in stages.items():
+        cpu[f"worker: {s}"] = v
+    calls = worker_sum("vqa_batch_size_count")
+    batch = worker_sum("vqa_batch_size_sum") / calls if calls else 0.0
+    total = sum(cpu.values())
+    rows = [{"part": k, "cpu_s": round(v, 3), "ms_per_answer": round(1000 * v / answers, 3),
+             "ms_per_batch": round(1000 * v / calls, 2) if calls else 0.0, "share": round(v / total, 3)}
+            for k, v in cpu.items()]
+    wall_stage = {s: worker_sum(f"vqa_stage_seconds_total:{s}") for s in ("vision", "decoder")}
+    return {"answers": answers, "wall_s": round(wall, 2), "answers_per_s": round(answers / wall, 1),
+            "cores": os.cpu_count(), "cpu_busy": round(total / (wall * (os.cpu_count() or 1)), 3),
+            "model_calls": int(calls), "mean_batch_size": round(batch, 2),
+            "model_wall_ms_per_batch": {s: round(1000 * v / calls, 2) if calls else 0.0 for s, v in wall_stage.items()},
+            "model_share_of_cpu": round((stages["vision"] + stages["decoder"]) / total, 3), "rows": rows}
+
+
+def markdown(p: dict[str, Any], command: str) -> str:
+    lines = [f"command: `{command}`", "",
+             f"{p['answers']} answers in {p['wall_s']} s ({p['answers_per_s']}/s), {p['model_calls']} model calls of "
+             f"{p['mean_batch_size']} questions on average; the {p['cores']} cores were "
+             f"{100 * p['cpu_busy']:.0f}% busy.",
+             "", "| part | CPU ms per answer | CPU ms per batch | share of all CPU |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['part']} | {r['ms_per_answer']} | {r['ms_per_batch']} | {100 * r['share']:.1f}% |"
+              for r in p["rows"]]
+    w = p["model_wall_ms_per_batch"]
+    lines += ["", f"Model wall time per batch: vision encoder {w['vision']} ms, decoder {w['decoder']} ms. "
+              f"The model (vision + decoder) is {100 * p['model_share_of_cpu']:.1f}% of all CPU time spent."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--system", default="cluster", choices=["cluster", "serve"])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decoder", default="fast", choices=["reference", "fast"])
+    ap.add_argument("--max-batch-size", type=int, default=0)
+    ap.add_argument("--out", default="bench/out")
+    args, extra = ap.parse_known_args()
+    args.extra = extra
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = easy_vqa_requests(args.requests)
+    sysm = start(args.system, args, out)
+    try:
+        state = json.loads(Path(sysm.runtime_dir, "state.json").read_text()) if sysm.runtime_dir else None
+        asyncio.run(run_load(sysm.url + "/v1/vqa", pairs[:200], args.concurrency))  # warm-up
+        before = snapshot(sysm, state)
+        t0 = time.monotonic()
+        results = asyncio.run(run_load(sysm.url + "/v1/vqa", pairs, args.concurrency, timeout_s=300))
+        wall = time.monotonic() - t0
+        after = snapshot(sysm, state)
+    finally:
+        sysm.stop()
+    summary = summarize(results, wall)
+    p = {**profile(before, after, int(summary["requests"]) - int(summary["failures"]), wall), "load": summary,
+         "system": args.system, "workers": args.workers if args.system == "cluster" else 1,
+         "concurrency": args.concurrency}
+    command = " ".join(["python", "bench/profile.py"] + sys.argv[1:])
+    (out / "profile.json").write_text(json.dumps({**p, "command": command}, indent=2) + "\n")
+    (out / "profile.md").write_text(markdown(p, command))
+    print(markdown(p, command))
+
+
+if __name__ == "__main__":
+    main()
