@@ -15,7 +15,6 @@ DIR/profile.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import System, start  # noqa: E402
 
 from vqa_async.metrics import STAGES  # noqa: E402
-from vqa_async.tools.loadgen import easy_vqa_requests, run_load, summarize  # noqa: E402
+from vqa_async.tools.loadgen import easy_vqa_requests, load, summarize  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -124,10 +123,10 @@ def main() -> None:
     sysm = start(args.system, args, out)
     try:
         state = json.loads(Path(sysm.runtime_dir, "state.json").read_text()) if sysm.runtime_dir else None
-        asyncio.run(run_load(sysm.url + "/v1/vqa", pairs[:200], args.concurrency))  # warm-up
+        load(sysm.url + "/v1/vqa", pairs[:200], args.concurrency)  # warm-up
         before = snapshot(sysm, state)
         t0 = time.monotonic()
-        results = asyncio.run(run_load(sysm.url + "/v1/vqa", pairs, args.concurrency, timeout_s=300))
+        results = load(sysm.url + "/v1/vqa", pairs, args.concurrency, timeout_s=300)
         wall = time.monotonic() - t0
         after = snapshot(sysm, state)
     finally:

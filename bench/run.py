@@ -11,7 +11,6 @@ DIR/results.json (one row per system and concurrency), DIR/results.md and DIR/pl
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -32,7 +31,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vqa_async.tools.loadgen import easy_vqa_requests, run_load, summarize  # noqa: E402
+from vqa_async.tools.loadgen import easy_vqa_requests, load, summarize  # noqa: E402
 
 QUESTIONS = ["what is in the picture?", "what color is it?", "is there a person?", "how many are there?"]
 
@@ -133,10 +132,10 @@ def batch_totals(urls: list[str]) -> tuple[float, float]:
 
 
 def measure_http(sysm: System, pairs: list[tuple[bytes, str]], concurrency: int) -> dict[str, Any]:
-    asyncio.run(run_load(sysm.url + "/v1/vqa", pairs[: max(2, concurrency)], concurrency))  # warm-up
+    load(sysm.url + "/v1/vqa", pairs[: max(2, concurrency)], concurrency)  # warm-up
     before = batch_totals(sysm.metrics_urls) if sysm.metrics_urls else (0.0, 0.0)
     t0 = time.monotonic()
-    results = asyncio.run(run_load(sysm.url + "/v1/vqa", pairs, concurrency, timeout_s=300))
+    results = load(sysm.url + "/v1/vqa", pairs, concurrency, timeout_s=300)
     wall = time.monotonic() - t0
     row = summarize(results, wall)
     if sysm.metrics_urls:

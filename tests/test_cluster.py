@@ -4,6 +4,7 @@ reload, shared weights, and fast 503s at the front."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -214,3 +215,21 @@ def test_a_relative_runtime_dir_gives_a_config_haproxy_accepts(tmp_path: Path, m
                       Settings(model=str(demo_dir), device="cpu"))
     assert cluster.admin_socket.is_absolute()
     asyncio.run(haproxy.check_config(cluster._render()))
+
+
+def test_workers_get_every_serve_setting(demo_dir: Path) -> None:
+    # A flag given to `cluster` reaches every worker, not only the ones somebody remembered to list.
+    from vqa_async.cli import build_parser
+    from vqa_async.cluster.supervisor import Cluster, ClusterOptions, serve_command
+    from vqa_async.config import Settings, settings_from_args
+
+    serve = Settings(model=str(demo_dir), device="cpu", max_question_chars=99, preprocess_threads=3,
+                     loop="asyncio", log_level="DEBUG", max_wait_ms=7.5)
+    cluster = Cluster(ClusterOptions(workers=1, port=free_port(), runtime_dir=Path("/tmp/vqa-test-args")), serve)
+    worker = cluster.workers[0]
+    argv = cluster._worker_args(worker)
+    args = build_parser().parse_args(argv[len(serve_command()):])
+    assert args.command == "serve" and args.log_level == "DEBUG"
+    got = settings_from_args(args, env={})
+    expected = dataclasses.replace(serve, host="127.0.0.1", port=worker.port, torch_threads=cluster._torch_threads())
+    assert got == expected

@@ -348,3 +348,20 @@ async def test_not_ready_before_the_model_is_loaded(demo_dir: Path) -> None:
                                                                                                  app=app)
     resp = await readyz(req)
     assert resp.status == 503
+
+
+@pytest.mark.parametrize("disposition", [
+    'form-data; name="image"; filename="image.png"', 'form-data; name="question"', 'form-data; name="q"',
+    'form-data; name="image"; filename="café photo.jpg"', 'form-data; name="image"; filename=""',
+    'form-data; name=image; filename=a.png', 'form-data; name="a\\"b"', "form-data; name=\"image\"; "
+    "filename*=utf-8''%E2%82%AC.png", 'form-data; filename="x.png"; name="image"', 'FORM-DATA; NAME="image"', ""])
+def test_form_part_names_match_aiohttps_parser(disposition: str) -> None:
+    # The fast path reads the usual header with a regex; whatever it reads must be what aiohttp would read.
+    from aiohttp import BodyPartReader
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from vqa_async.http.parse import part_names
+
+    headers = CIMultiDict({"Content-Disposition": disposition} if disposition else {})
+    part = BodyPartReader(b"--x", CIMultiDictProxy(headers), None)  # type: ignore[arg-type]
+    assert part_names(part) == (part.name, part.filename)

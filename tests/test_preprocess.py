@@ -11,7 +11,13 @@ import torch
 from PIL import Image
 
 from vqa_async.model.loader import LoadedModel
-from vqa_async.model.preprocess import ImageError, QuestionTokenizer, decode_image, image_transform
+from vqa_async.model.preprocess import (
+    QUESTION_MAX_TOKENS,
+    ImageError,
+    QuestionTokenizer,
+    decode_image,
+    image_transform,
+)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +122,37 @@ def test_tokenizer_is_safe_from_many_threads(demo_dir: Path) -> None:
         t.join()
     assert not errors
     assert len(results) == 160 and all(torch.equal(r, expected) for r in results)
+
+
+TRICKY_QUESTIONS = ["Was ist DAS?", "café naïve résumé", "what's the 2nd   shape?\t", "日本語の質問", "emoji 🐈 cat?",
+                    "zero\u200bwidth", "x" * 300, "ÀÉÎõü", "don't-stop: now!!", "\x00\x07ctrl", "ﬁne ligature",
+                    "über straße", "İstanbul", "中文 mixed english", "\u0301combining", "  padded  ", ""]
+
+
+@pytest.mark.parametrize("vocab", ["demo", "bert-sized"])
+def test_fast_tokenizer_gives_modelscopes_ids(vocab: str, demo_dir: Path, tmp_path: Path) -> None:
+    # ModelScope tokenizes with the Python BertTokenizer; the server uses the Rust one built from the same
+    # vocab.txt. Same ids on every easy-VQA question and on accents, CJK, emoji and control characters, and
+    # the same text when an answer's ids are decoded.
+    import easy_vqa
+    from transformers import BertTokenizer
+
+    from vqa_async.model.presets import EASY_VQA_WORDS, bert_like_vocab
+
+    if vocab == "demo":
+        vocab_dir = demo_dir
+    else:
+        extra = ["café", "naive", "##é", "日", "本", "語", "中", "文", "über", "stra", "##ße", "istanbul", "fine"]
+        (tmp_path / "vocab.txt").write_text("\n".join(bert_like_vocab(30522, EASY_VQA_WORDS + extra)) + "\n")
+        vocab_dir = tmp_path
+    questions = list(dict.fromkeys(easy_vqa.get_train_questions()[0] + easy_vqa.get_test_questions()[0]))
+    questions += TRICKY_QUESTIONS
+    slow = BertTokenizer.from_pretrained(str(vocab_dir))
+    expected = slow([q.lower() for q in questions], padding="max_length", truncation=True,
+                    max_length=QUESTION_MAX_TOKENS, return_tensors="pt")
+    fast = QuestionTokenizer(str(vocab_dir))
+    got = fast.encode(questions)
+    assert torch.equal(got.input_ids, expected.input_ids)
+    assert torch.equal(got.attention_mask, expected.attention_mask)
+    for ids in expected.input_ids[:: max(1, len(questions) // 50)]:
+        assert fast.decode(ids) == slow.decode(ids, skip_special_tokens=True)

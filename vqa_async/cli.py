@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +25,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     logging.getLogger().setLevel(settings.log_level)
     app = init_app(settings)
+    loop = None
+    if settings.loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
     where = f"unix:{settings.unix_socket}" if settings.unix_socket else f"http://{settings.host}:{settings.port}"
     log.info("serving on %s", where)
     # SIGTERM/SIGINT: stop accepting, let the handlers in flight (and so everything queued) finish, then the
@@ -32,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     web.run_app(app, host=None if settings.unix_socket else settings.host,
                 port=None if settings.unix_socket else settings.port, path=settings.unix_socket,
                 shutdown_timeout=settings.shutdown_timeout_s, handler_cancellation=True, print=None,
-                access_log=None)
+                access_log=None, loop=loop)
     log.info("stopped")
     return 0
 
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vqa_async.config import add_arguments
 
     p = argparse.ArgumentParser(prog="vqa-async", description="Serve ModelScope's mPLUG VQA model.")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR [env VQA_LOG_LEVEL, default INFO]")
     sub = p.add_subparsers(dest="command", required=True)
 
     sv = sub.add_parser("serve", help="one micro-batching HTTP server process")
@@ -152,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level or os.environ.get("VQA_LOG_LEVEL", "INFO"))
     from vqa_async.model.loader import ModelLoadError
     from vqa_async.tools.convert import ConvertError
 

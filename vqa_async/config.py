@@ -45,6 +45,7 @@ class Settings:
     preprocess_threads: int = field(default=2, metadata={"help": "threads decoding and resizing images"})
     torch_threads: int = field(default=0, metadata={"help": "intra-op threads of the model (0: torch's default)"})
     shutdown_timeout_s: float = field(default=30.0, metadata={"help": "how long SIGTERM waits for queued work"})
+    loop: str = field(default="uvloop", metadata={"help": "event loop: uvloop or asyncio"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
 
     def __post_init__(self) -> None:
@@ -62,6 +63,8 @@ class Settings:
             raise bad("device", "expected cpu, cuda, cuda:N or auto")
         if self.dtype not in ("auto", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32"):
             raise bad("dtype", "expected float16, bfloat16, float32 or auto")
+        if self.loop not in ("uvloop", "asyncio"):
+            raise bad("loop", "expected uvloop or asyncio")
         if self.decoder not in ("reference", "fast"):
             raise bad("decoder", "expected reference or fast")
         if not 0 < self.port < 65536:

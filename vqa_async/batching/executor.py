@@ -116,8 +116,9 @@ class ModelExecutor:
             log.error("request failed in the model [error id %s]", error_id, exc_info=e)
             loop.call_soon_threadsafe(_settle, items[0].future, None, ItemFailed(error_id))
             return
-        for item, answers in zip(items, results, strict=True):
-            loop.call_soon_threadsafe(_settle, item.future, answers, None)
+        # One wake-up of the event loop for the whole batch, not one per request.
+        loop.call_soon_threadsafe(_settle_all, [(item.future, answers) for item, answers in
+                                                zip(items, results, strict=True)])
 
     def _lower_cap(self, size: int) -> None:
         self._cap = max(1, min(self._cap, size) // 2)
@@ -180,3 +181,8 @@ def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) 
         fut.set_exception(error)
     else:
         fut.set_result(result)
+
+
+def _settle_all(done: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for fut, result in done:
+        _settle(fut, result, None)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -104,17 +104,17 @@ class Cluster:
         # Workers x threads must not oversubscribe the cores.
         return max(1, (os.cpu_count() or 1) // max(1, len(on_cpu)))
 
+    # Set per worker; every other serve setting is passed on as it is.
+    PER_WORKER = frozenset({"host", "port", "unix_socket", "device", "torch_threads", "model", "log_level"})
+
     def _worker_args(self, w: Worker) -> list[str]:
-        s = self.serve
-        args = serve_command() + ["serve", "--host", "127.0.0.1", "--port", str(w.port), "--device", w.device,
-                                  "--dtype", s.dtype, "--max-batch-size", str(s.max_batch_size),
-                                  "--max-wait-ms", str(s.max_wait_ms), "--max-queue", str(s.max_queue),
-                                  "--timeout-s", str(s.timeout_s), "--max-body-mb", str(s.max_body_mb),
-                                  "--max-pixels", str(s.max_pixels), "--max-questions", str(s.max_questions),
-                                  "--decoder", s.decoder, "--torch-threads", str(self._torch_threads()),
-                                  "--image-cache-entries", str(s.image_cache_entries),
-                                  "--image-cache-mb", str(s.image_cache_mb),
-                                  "--shutdown-timeout-s", str(s.shutdown_timeout_s)]
+        args = serve_command() + ["--log-level", self.serve.log_level, "serve", "--host", "127.0.0.1",
+                                  "--port", str(w.port), "--device", w.device,
+                                  "--torch-threads", str(self._torch_threads())]
+        for f in fields(self.serve):
+            value = getattr(self.serve, f.name)
+            if f.name not in self.PER_WORKER and value is not None:
+                args += ["--" + f.name.replace("_", "-"), str(value)]
         if self.model:
             args += ["--model", str(self.model)]
         return args

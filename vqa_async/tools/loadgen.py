@@ -10,8 +10,11 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import orjson
+import uvloop
 
 
 @dataclass
@@ -40,11 +43,29 @@ def easy_vqa_requests(n: int) -> list[tuple[bytes, str]]:
     return out
 
 
+async def encode_forms(pairs: list[tuple[bytes, str]]) -> list[tuple[bytes, str]]:
+    """Each (image, question) as a multipart/form-data body and its Content-Type, encoded once, before the
+    clock starts, so that the load generator spends its CPU on sending rather than on encoding."""
+    out = []
+    for image, question in pairs:
+        form = aiohttp.FormData()
+        form.add_field("image", image, filename="image.png", content_type="image/png")
+        form.add_field("question", question)
+        payload = form()
+        out.append((await payload.as_bytes(), payload.content_type))
+    return out
+
+
+def load(url: str, pairs: list[tuple[bytes, str]], concurrency: int, **kwargs: Any) -> list[Result]:
+    """`run_load` on uvloop (the loop the servers run on too): less of the shared CPU goes to the client."""
+    return uvloop.run(run_load(url, pairs, concurrency, **kwargs))
+
+
 async def run_load(url: str, pairs: list[tuple[bytes, str]], concurrency: int, timeout_s: float = 60.0,
                    stop_after_s: float | None = None) -> list[Result]:
     results: list[Result] = []
     queue: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue()
-    for p in pairs:
+    for p in await encode_forms(pairs):
         queue.put_nowait(p)
     started = time.monotonic()
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -54,21 +75,18 @@ async def run_load(url: str, pairs: list[tuple[bytes, str]], concurrency: int, t
             while not queue.empty():
                 if stop_after_s is not None and time.monotonic() - started > stop_after_s:
                     return
-                image, question = queue.get_nowait()
-                form = aiohttp.FormData()
-                form.add_field("image", image, filename="image.png", content_type="image/png")
-                form.add_field("question", question)
+                body, content_type = queue.get_nowait()
                 t0 = time.monotonic()
                 try:
-                    async with s.post(url, data=form) as r:
-                        text = await r.text()
+                    async with s.post(url, data=body, headers={"Content-Type": content_type}) as r:
+                        raw = await r.read()
                         res = Result(r.status, time.monotonic() - t0, served_by=r.headers.get("X-Served-By"))
                         if r.status == 200:
-                            body = json.loads(text)
-                            res.answer, res.batch_size = body.get("answer"), body.get("batch_size")
+                            reply = orjson.loads(raw)
+                            res.answer, res.batch_size = reply.get("answer"), reply.get("batch_size")
                         else:
-                            res.error = text[:200]
-                except (TimeoutError, aiohttp.ClientError, ValueError) as e:
+                            res.error = raw[:200].decode(errors="replace")
+                except (TimeoutError, aiohttp.ClientError, ValueError) as e:  # orjson's error is a ValueError
                     res = Result(0, time.monotonic() - t0, error=f"{type(e).__name__}: {e}")
                 results.append(res)
 
@@ -98,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     pairs = easy_vqa_requests(args.requests)
     t0 = time.monotonic()
-    results = asyncio.run(run_load(args.url, pairs, args.concurrency))
+    results = load(args.url, pairs, args.concurrency)
     print(json.dumps({"concurrency": args.concurrency, **summarize(results, time.monotonic() - t0)}))
 
 
