@@ -6,7 +6,8 @@
 #
 # It installs the wheels into /tmp/site, unpacks HAProxy into /tmp/haproxy-root, writes the full-size mPLUG-large
 # replica in FP16, and runs: the decoder bench (reference vs fast), the load bench (serve, cluster, ceiling at
-# concurrency 1, 32, 128), and records GPU memory per worker. Everything lands in ${OUT:-bench/out-gpu}.
+# concurrency 1, 32, 128), records GPU memory per worker, and profiles the cluster at concurrency 128.
+# Everything lands in ${OUT:-bench/out-gpu}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
   bash ../shared/gpu/fetch-wheels.sh .whl
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl prometheus-client==0.26.0 matplotlib contourpy cycler fonttools kiwisolver pyparsing
+    -d .whl prometheus-client==0.26.0 uvloop==0.23.0 tqdm matplotlib contourpy cycler fonttools kiwisolver pyparsing
   mkdir -p .deb && (cd .deb && apt-get download haproxy liblua5.3-0 libopentracing-c-wrapper0 libopentracing1 2>/dev/null \
     || apt-get download haproxy liblua5.3-0)
   echo "prepared .whl/ and .deb/; carry both to the CUDA host"
@@ -59,6 +60,10 @@ BENCH=$!
 sleep 120; nvidia-smi --query-compute-apps=pid,used_memory --format=csv | tee "$OUT/gpu-memory-per-process.csv"
 wait $BENCH
 cat "$OUT/results.md"
+# Where the time goes per batch at concurrency 128 through HAProxy: decode, preprocessing, vision encoder,
+# decoder (GPU time: the executor synchronizes after the vision encoder), HTTP and HAProxy.
+python3 bench/profile.py --system cluster --workers 2 --concurrency 128 --requests 2048 --model "$REPLICA" \
+  --device cuda --max-batch-size 64 --out "$OUT/profile" || true
 # Model FLOP utilisation: about 1.02 TFLOP per answer with a decoder that does not recompute, against the
 # H100/H200 SXM dense FP16 tensor peak of 989 TFLOP/s.
 python3 - "$OUT/results.json" <<'PY'

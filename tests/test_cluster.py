@@ -233,3 +233,15 @@ def test_workers_get_every_serve_setting(demo_dir: Path) -> None:
     got = settings_from_args(args, env={})
     expected = dataclasses.replace(serve, host="127.0.0.1", port=worker.port, torch_threads=cluster._torch_threads())
     assert got == expected
+
+
+def test_retry_body_size_sets_haproxys_buffer(tmp_path: Path, demo_dir: Path) -> None:
+    from vqa_async.cluster import haproxy
+    from vqa_async.cluster.supervisor import Cluster, ClusterOptions
+    from vqa_async.config import Settings
+
+    cluster = Cluster(ClusterOptions(workers=1, port=free_port(), runtime_dir=tmp_path, retry_body_bytes=128 << 10),
+                      Settings(model=str(demo_dir), device="cpu"))
+    cfg = cluster._render()
+    assert f"tune.bufsize {(128 << 10) + 8192 + 16384}" in cfg.read_text()
+    asyncio.run(haproxy.check_config(cfg))

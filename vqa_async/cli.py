@@ -59,7 +59,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     options = ClusterOptions(workers=args.workers, host=args.host, port=args.port, stats_port=args.stats_port,
                              devices=[d for d in (args.devices or "").split(",") if d], backends=args.backend or [],
                              queue_timeout_s=args.queue_timeout_s, server_maxconn=args.server_maxconn,
-                             runtime_dir=runtime_dir, haproxy_log=args.haproxy_log)
+                             runtime_dir=runtime_dir, haproxy_log=args.haproxy_log,
+                             retry_body_bytes=args.retry_body_kb * 1024)
     return asyncio.run(Cluster(options, settings).run())
 
 
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--queue-timeout-s", type=float, default=5.0, help="HAProxy queue wait before a 503")
     cl.add_argument("--server-maxconn", type=int, default=0, help="requests in flight per worker (0: 2x batch)")
     cl.add_argument("--haproxy-log", action="store_true", help="HAProxy's request log on stderr")
+    cl.add_argument("--retry-body-kb", type=int, default=1024,
+                    help="uploads up to this size are retried on another worker if theirs dies (HAProxy buffers "
+                         "them; a bigger buffer costs HAProxy more CPU per request)")
     cl.add_argument("--runtime-dir", default=None, help="where haproxy.cfg, its socket and state.json live")
     add_arguments(cl, exclude=("host", "port", "unix_socket", "log_level"))
     cl.set_defaults(func=cmd_cluster)

@@ -150,6 +150,8 @@ class ModelExecutor:
             first = {i.image_key: i for i in reversed(items)}
             with self.metrics.stage("vision"):
                 fresh = self.answerer.encode_images(torch.stack([first[k].pixels for k in misses]))
+                if fresh.is_cuda:  # the stage's time is the GPU's, not that of queueing kernels
+                    torch.cuda.synchronize(fresh.device)
             for k, e in zip(misses, fresh):
                 embeds[k] = e
                 # A row of a batch tensor would keep the whole batch alive in the cache: keep a copy of the row.

@@ -24,7 +24,9 @@ EDGE_ERRORS = [
     (503, "overloaded", "no worker could take the request in time; retry shortly"),
     (504, "timeout", "no worker answered in time"),
 ]
-# Uploads up to this size are held whole by HAProxy and so survive a dying worker (see the template).
+# Uploads up to this size are held whole by HAProxy and so survive a dying worker (see the template). The buffer
+# costs CPU in proportion to its size on every request: on the 2-core test box HAProxy took 0.19 ms per request
+# with 1 MiB and 0.07 ms with 128 KiB (bench/profile.py). `cluster --retry-body-kb` sets it.
 RETRYABLE_BODY_BYTES = 1 << 20
 
 
@@ -37,14 +39,14 @@ class Server:
 def render(servers: list[Server], *, host: str, port: int, stats_host: str, stats_port: int, admin_socket: Path,
            max_body_bytes: int, server_maxconn: int, queue_timeout_s: float, server_timeout_s: float,
            client_timeout_s: float = 30.0, check_interval_ms: int = 500, maxconn: int = 4096,
-           log: bool = False) -> str:
+           log: bool = False, retry_body_bytes: int = RETRYABLE_BODY_BYTES) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
     return env.get_template("haproxy.cfg.j2").render(
         servers=servers, host=host, port=port, stats_host=stats_host, stats_port=stats_port,
         admin_socket=admin_socket, max_body_bytes=max_body_bytes, server_maxconn=server_maxconn,
         queue_timeout_s=queue_timeout_s, server_timeout_s=server_timeout_s, client_timeout_s=client_timeout_s,
-        check_interval_ms=check_interval_ms, maxconn=maxconn, bufsize=RETRYABLE_BODY_BYTES + 8192 + 16384,
+        check_interval_ms=check_interval_ms, maxconn=maxconn, bufsize=retry_body_bytes + 8192 + 16384,
         log=log, errors=EDGE_ERRORS)
 
 

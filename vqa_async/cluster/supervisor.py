@@ -62,6 +62,7 @@ class ClusterOptions:
     runtime_dir: Path | None = None
     ready_timeout_s: float = 300.0
     haproxy_log: bool = False
+    retry_body_bytes: int = haproxy.RETRYABLE_BODY_BYTES  # uploads up to this size survive a dying worker
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Cluster:
             max_body_bytes=self.serve.max_body_bytes,
             server_maxconn=self.opt.server_maxconn or 2 * self.serve.max_batch_size,
             queue_timeout_s=self.opt.queue_timeout_s, server_timeout_s=self.serve.timeout_s + 5,
-            log=self.opt.haproxy_log)
+            log=self.opt.haproxy_log, retry_body_bytes=self.opt.retry_body_bytes)
         path = self.runtime_dir / "haproxy.cfg"
         path.write_text(cfg)
         return path
