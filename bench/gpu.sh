@@ -62,8 +62,8 @@ wait $BENCH
 cat "$OUT/results.md"
 # Where the time goes per batch at concurrency 128 through HAProxy: decode, preprocessing, vision encoder,
 # decoder (GPU time: the executor synchronizes after the vision encoder), HTTP and HAProxy.
-python3 bench/profile.py --system cluster --workers 2 --concurrency 128 --requests 2048 --model "$REPLICA" \
-  --device cuda --max-batch-size 64 --out "$OUT/profile" || true
+python3 bench/breakdown.py --system cluster --workers 2 --concurrency 128 --requests 2048 --model "$REPLICA" \
+  --device cuda --max-batch-size 64 --out "$OUT/breakdown" || true
 # Model FLOP utilisation: about 1.02 TFLOP per answer with a decoder that does not recompute, against the
 # H100/H200 SXM dense FP16 tensor peak of 989 TFLOP/s.
 python3 - "$OUT/results.json" <<'PY'

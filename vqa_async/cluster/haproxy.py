@@ -26,7 +26,7 @@ EDGE_ERRORS = [
 ]
 # Uploads up to this size are held whole by HAProxy and so survive a dying worker (see the template). The buffer
 # costs CPU in proportion to its size on every request: on the 2-core test box HAProxy took 0.19 ms per request
-# with 1 MiB and 0.07 ms with 128 KiB (bench/profile.py). `cluster --retry-body-kb` sets it.
+# with 1 MiB and 0.07 ms with 128 KiB (bench/breakdown.py). `cluster --retry-body-kb` sets it.
 RETRYABLE_BODY_BYTES = 1 << 20
 
 

@@ -1,15 +1,15 @@
 """Where the time goes: CPU time per answer and per batch, by stage and by process, under load.
 
-    python bench/profile.py [--system cluster|serve] [--workers N] [--concurrency 32] [--requests 1000]
+    python bench/breakdown.py [--system cluster|serve] [--workers N] [--concurrency 32] [--requests 1000]
         [--model DIR] [--out DIR] [any other serve flag, e.g. --torch-threads 1]
 
 It starts the system (as bench/run.py does), sends a closed-loop load, and reads CPU time from three sources:
 the load generator's own process (this one), HAProxy's and the supervisor's /proc entries, and each worker's
 /metrics (`process_cpu_seconds_total`, and `vqa_stage_cpu_seconds{stage}` for decode, preprocess, vision
 encoder and decoder). A worker's HTTP share is its process CPU minus its stages. The stage figures are thread CPU
-times, so they are whole only when torch runs one thread per worker (the cluster's default on CPU). On CUDA the
-model stages are wall times of asynchronous launches; read them with care. Writes DIR/profile.json and
-DIR/profile.md.
+times, so they are whole only when torch runs one thread per worker (the cluster's default on CPU); on CUDA read
+the model stages' wall times (the executor synchronizes after the vision encoder). Writes DIR/breakdown.json and
+DIR/breakdown.md. (Not named profile.py: bench/ is on sys.path and would shadow the standard library's profile.)
 """
 
 from __future__ import annotations
@@ -135,9 +135,9 @@ def main() -> None:
     p = {**profile(before, after, int(summary["requests"]) - int(summary["failures"]), wall), "load": summary,
          "system": args.system, "workers": args.workers if args.system == "cluster" else 1,
          "concurrency": args.concurrency}
-    command = " ".join(["python", "bench/profile.py"] + sys.argv[1:])
-    (out / "profile.json").write_text(json.dumps({**p, "command": command}, indent=2) + "\n")
-    (out / "profile.md").write_text(markdown(p, command))
+    command = " ".join(["python", "bench/breakdown.py"] + sys.argv[1:])
+    (out / "breakdown.json").write_text(json.dumps({**p, "command": command}, indent=2) + "\n")
+    (out / "breakdown.md").write_text(markdown(p, command))
     print(markdown(p, command))
 
 
