@@ -6,6 +6,8 @@
 It starts each system itself on free loopback ports, sweeps the concurrency with a closed-loop load generator
 (real images: easy-VQA's test split by default), reads the server's mean batch size from /metrics, and writes
 DIR/results.json (one row per system and concurrency), DIR/results.md and DIR/plot.png. No process is left behind.
+All systems are up at once and measured level by level (`--one-at-a-time` starts one after the other instead), so
+that the rows a ratio divides are taken close together in time.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from vqa_async.tools.loadgen import easy_vqa_requests, load, summarize  # noqa: E402
 
+CEILING_MIN_S = 3.0
 QUESTIONS = ["what is in the picture?", "what color is it?", "is there a person?", "how many are there?"]
 
 
@@ -147,46 +150,58 @@ def measure_http(sysm: System, pairs: list[tuple[bytes, str]], concurrency: int)
     return row
 
 
-def measure_ceiling(args: argparse.Namespace, pairs: list[tuple[bytes, str]], levels: list[int]) -> list[dict]:
+class Ceiling:
     """The bare model on pre-processed batches: no HTTP, no queue, no decoding of uploads."""
-    import torch
 
-    from vqa_async.config import Settings
-    from vqa_async.model.answer import Answerer
-    from vqa_async.model.loader import load_model
-    from vqa_async.model.preprocess import decode_image, image_transform
+    def __init__(self, args: argparse.Namespace, pairs: list[tuple[bytes, str]]) -> None:
+        from vqa_async.config import Settings
+        from vqa_async.model.answer import Answerer
+        from vqa_async.model.loader import load_model
+        from vqa_async.model.preprocess import decode_image, image_transform
 
-    settings = Settings(model=args.model, device=args.device, decoder=args.decoder,
-                        max_batch_size=args.max_batch_size or 0)
-    loaded = load_model(args.model, device=settings.device)
-    answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype, decoder=args.decoder)
-    tf = image_transform(loaded.image_res)
-    pixels = [tf(decode_image(img, 10**8)) for img, _ in pairs]
-    enc = loaded.tokenizer.encode([q for _, q in pairs])
-    rows = []
-    for c in levels:
-        bs = min(c, settings.max_batch_size)
-        answerer.answer(pixels[:bs], list(range(bs)), type(enc)(enc.input_ids[:bs], enc.attention_mask[:bs]))
+        settings = Settings(model=args.model, device=args.device, decoder=args.decoder,
+                            max_batch_size=args.max_batch_size or 0)
+        self.max_batch_size = settings.max_batch_size
+        self.loaded = load_model(args.model, device=settings.device)
+        self.answerer = Answerer(self.loaded.model, self.loaded.tokenizer, self.loaded.device, self.loaded.dtype,
+                                 decoder=args.decoder)
+        tf = image_transform(self.loaded.image_res)
+        self.pairs = pairs
+        self.pixels = [tf(decode_image(img, 10**8)) for img, _ in pairs]
+        self.enc = self.loaded.tokenizer.encode([q for _, q in pairs])
+
+    def _answer(self, s: int, n: int) -> None:
+        import torch
+
+        enc = self.enc
+        self.answerer.answer(self.pixels[s:s + n], list(range(n)),
+                             type(enc)(enc.input_ids[s:s + n], enc.attention_mask[s:s + n]))
+        if self.loaded.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def measure(self, c: int) -> dict[str, Any]:
+        bs = min(c, self.max_batch_size)
+        self._answer(0, bs)  # warm-up
         times = []
+        answered = 0
         t0 = time.monotonic()
-        for s in range(0, len(pairs), bs):
+        # All the requests, and for at least CEILING_MIN_S: a one-second loop on this noisy box swung by 20%.
+        while answered < len(self.pairs) or time.monotonic() - t0 < CEILING_MIN_S:
             t1 = time.monotonic()
-            n = min(bs, len(pairs) - s)
-            answerer.answer(pixels[s:s + n], list(range(n)),
-                            type(enc)(enc.input_ids[s:s + n], enc.attention_mask[s:s + n]))
-            if loaded.device.type == "cuda":
-                torch.cuda.synchronize()
+            s = answered % len(self.pairs)
+            n = min(bs, len(self.pairs) - s)
+            self._answer(s, n)
             times.append((time.monotonic() - t1) * 1000)
+            answered += n
         wall = time.monotonic() - t0
         times.sort()
 
-        def pct(p: float, t: list[float] = times) -> float:
-            return round(t[min(len(t) - 1, int(p / 100 * len(t)))], 1)
+        def pct(p: float) -> float:
+            return round(times[min(len(times) - 1, int(p / 100 * len(times)))], 1)
 
-        rows.append({"system": "ceiling", "concurrency": c, "requests": len(pairs), "failures": 0,
-                     "answers_per_s": round(len(pairs) / wall, 2), "p50_ms": pct(50), "p95_ms": pct(95),
-                     "p99_ms": pct(99), "mean_batch_size": float(bs)})
-    return rows
+        return {"system": "ceiling", "concurrency": c, "requests": answered, "failures": 0,
+                "answers_per_s": round(answered / wall, 2), "p50_ms": pct(50), "p95_ms": pct(95),
+                "p99_ms": pct(99), "mean_batch_size": float(bs)}
 
 
 def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
@@ -253,6 +268,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decoder", default="fast", choices=["reference", "fast"])
     ap.add_argument("--max-batch-size", type=int, default=0)
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="start and measure one system after the other (default: all up, measured level by level)")
     args = ap.parse_args()
 
     systems = [s for s in args.systems.split(",") if s]
@@ -267,29 +284,47 @@ def main() -> None:
     def stop_all(*_: object) -> None:
         for s in running:
             s.stop()
+        running.clear()
 
     signal.signal(signal.SIGTERM, lambda *_: (stop_all(), sys.exit(143)))
+
+    def measure(name: str, sysm: System | Ceiling, c: int) -> None:
+        bar.set_postfix(system=name, concurrency=c)
+        if isinstance(sysm, Ceiling):
+            rows.append(sysm.measure(c))
+        else:
+            rows.append({"system": name, "concurrency": c, **measure_http(sysm, pairs, c)})
+        bar.update(1)
+
     try:
-        for name in systems:
-            if name == "ceiling":
-                bar.set_postfix(system=name)
-                rows += measure_ceiling(args, pairs, levels)
-                bar.update(len(levels))
-                continue
-            bar.set_postfix(system=name, status="starting")
-            sysm = start(name, args, out)
-            running.append(sysm)
-            try:
+        if args.one_at_a_time:  # for a host without the memory to hold every system at once
+            for name in systems:
+                bar.set_postfix(system=name, status="starting")
+                sysm: System | Ceiling = Ceiling(args, pairs) if name == "ceiling" else start(name, args, out)
+                if isinstance(sysm, System):
+                    running.append(sysm)
                 for c in levels:
-                    bar.set_postfix(system=name, concurrency=c)
-                    rows.append({"system": name, "concurrency": c, **measure_http(sysm, pairs, c)})
-                    bar.update(1)
-            finally:
-                sysm.stop()
-                running.remove(sysm)
+                    measure(name, sysm, c)
+                if isinstance(sysm, System):
+                    sysm.stop()
+                    running.remove(sysm)
+        else:
+            # Every system up at once, idle but for the one being measured, and measured level by level: the
+            # systems compared at one concurrency are measured within a minute of each other, so the box's
+            # slow drifts in speed fall on all of them alike.
+            bar.set_postfix(status="starting")
+            up: dict[str, System | Ceiling] = {}
+            for name in systems:
+                up[name] = Ceiling(args, pairs) if name == "ceiling" else start(name, args, out)
+                if isinstance(up[name], System):
+                    running.append(up[name])  # type: ignore[arg-type]
+            for c in levels:
+                for name in systems:
+                    measure(name, up[name], c)
     finally:
         stop_all()
         bar.close()
+    rows.sort(key=lambda r: (systems.index(r["system"]), r["concurrency"]))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model or "vqa_async/demo", "device": args.device,
             "decoder": args.decoder, "requests": args.requests, "workers": args.workers,
             "machine": f"{os.cpu_count()} cores, {os.uname().machine}",
