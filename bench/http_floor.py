@@ -1,0 +1,86 @@
+"""The CPU floor of the HTTP path alone: the server's own request parsing and JSON reply, with no model.
+
+    python bench/http_floor.py [--requests 3000] [--concurrency 32]
+
+It starts one aiohttp process (uvloop) whose /v1/vqa reads the upload exactly as `vqa-async serve` does
+(`read_vqa_input`) and answers a constant, then drives it with the bench's load generator and prints the CPU
+milliseconds per request of the server and of the load generator. Whatever a server does around the model costs
+at least this much per request; bench/breakdown.py shows what ours costs in full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SERVER = """
+import sys, orjson, uvloop
+from aiohttp import web
+from vqa_async.config import Settings
+from vqa_async.http.parse import read_vqa_input
+
+settings = Settings(device="cpu")
+
+async def vqa(request):
+    vqa = await read_vqa_input(request, settings)
+    return web.Response(body=orjson.dumps({"answer": "circle", "batch_size": 1}), content_type="application/json")
+
+async def readyz(request):
+    return web.Response(text="ok")
+
+app = web.Application()
+app.router.add_post("/v1/vqa", vqa)
+app.router.add_get("/readyz", readyz)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None, loop=uvloop.new_event_loop())
+"""
+
+
+def main() -> None:
+    from run import free_port, wait_ready
+
+    from vqa_async.tools.loadgen import easy_vqa_requests, load, summarize
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    args = ap.parse_args()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=ROOT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        pairs = easy_vqa_requests(args.requests)
+        url = f"http://127.0.0.1:{port}/v1/vqa"
+        load(url, pairs[:200], args.concurrency)
+        server_before = proc_cpu(proc.pid)
+        t = os.times()
+        t0 = time.monotonic()
+        results = load(url, pairs, args.concurrency)
+        wall = time.monotonic() - t0
+        t2 = os.times()
+        server = proc_cpu(proc.pid) - server_before
+    finally:
+        proc.terminate()
+        proc.wait()
+    s = summarize(results, wall)
+    n = int(s["requests"]) - int(s["failures"])
+    print(json.dumps({"requests_per_s": s["answers_per_s"], "failures": s["failures"],
+                      "server_cpu_ms_per_request": round(1000 * server / n, 3),
+                      "loadgen_cpu_ms_per_request": round(1000 * (t2.user + t2.system - t.user - t.system) / n, 3)}))
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+if __name__ == "__main__":
+    main()
