@@ -16,7 +16,9 @@ from vqa_async.model.preprocess import (
     ImageError,
     QuestionTokenizer,
     decode_image,
+    image_pixels,
     image_transform,
+    normalize_pixels,
 )
 
 
@@ -47,6 +49,9 @@ def test_equal_to_mplug_preprocessor(mplug_preprocessor, demo: LoadedModel, size
     ours_px = image_transform(demo.image_res)(decode_image(_png(img), max_pixels=10**8))
     ours_q = demo.tokenizer.encode([question])
     assert torch.equal(ours_px, ref["image"][0])
+    # The server's split: uint8 per request, normalized per batch where the model is.
+    split = normalize_pixels(image_pixels(demo.image_res)(decode_image(_png(img), max_pixels=10**8))[None])[0]
+    assert torch.equal(split, ref["image"][0])
     assert torch.equal(ours_q.input_ids, ref["question"].input_ids)
     assert torch.equal(ours_q.attention_mask, ref["question"].attention_mask)
 
@@ -156,3 +161,9 @@ def test_fast_tokenizer_gives_modelscopes_ids(vocab: str, demo_dir: Path, tmp_pa
     assert torch.equal(got.attention_mask, expected.attention_mask)
     for ids in expected.input_ids[:: max(1, len(questions) // 50)]:
         assert fast.decode(ids) == slow.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_normalizing_on_the_gpu_gives_the_cpus_values() -> None:
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(normalize_pixels(pixels.cuda()).cpu(), normalize_pixels(pixels))

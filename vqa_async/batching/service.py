@@ -10,10 +10,12 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from vqa_async.batching.cache import ImageEmbeddingCache
 from vqa_async.batching.collect import BatchCollector
@@ -23,7 +25,7 @@ from vqa_async.config import Settings
 from vqa_async.metrics import Metrics
 from vqa_async.model.answer import Answered, Answerer
 from vqa_async.model.loader import LoadedModel, load_model
-from vqa_async.model.preprocess import decode_image, image_transform
+from vqa_async.model.preprocess import decode_image, image_pixels
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class VqaService:
                                         incoming=lambda: self._incoming)
         self._prep_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vqa-preprocess")
         self._batcher: asyncio.Task[None] | None = None
-        self._transform = None
+        self._transform: Callable[[Image.Image], torch.Tensor] | None = None
 
     @property
     def model_name(self) -> str:
@@ -84,7 +86,7 @@ class VqaService:
 
         await self.executor.start(load)
         assert self.loaded is not None
-        self._transform = image_transform(self.loaded.image_res)
+        self._transform = image_pixels(self.loaded.image_res)
         self._batcher = asyncio.create_task(self._run_batches(), name="vqa-batcher")
         log.info("ready: model %s on %s, %s decoder, max batch %d questions, max wait %.1f ms, queue %d",
                  self.model_name, s.device, s.decoder, s.max_batch_size, s.max_wait_ms, s.max_queue)

@@ -16,7 +16,7 @@ class WorkItem:
     """One request: one image and its questions. `future` gets one Answered per question."""
 
     image_key: str  # sha256 of the uploaded bytes: equal images share a vision-encoder pass and the cache
-    pixels: torch.Tensor  # (3, R, R), preprocessed off the event loop
+    pixels: torch.Tensor  # (3, R, R) uint8, resized off the event loop; normalized per batch on the device
     input_ids: torch.Tensor  # (Q, 25)
     attention_mask: torch.Tensor  # (Q, 25)
     future: asyncio.Future[list[Answered]]

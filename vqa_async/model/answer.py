@@ -15,7 +15,7 @@ import torch
 
 from vqa_async.model.architecture import ServingMPlugVQA
 from vqa_async.model.decoder import FastDecoder
-from vqa_async.model.preprocess import EncodedQuestions, QuestionTokenizer
+from vqa_async.model.preprocess import EncodedQuestions, QuestionTokenizer, normalize_pixels
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,11 @@ class Answerer:
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, R, R) normalized pixels -> (B, tokens, hidden) image embeddings, as `forward` computes them."""
+        """(B, 3, R, R) pixels -> (B, tokens, hidden) image embeddings, as `forward` computes them. Pixels are
+        normalized float32 (`image_transform`) or uint8 (`image_pixels`), normalized here, on the device."""
         m = self.model
+        if pixels.dtype == torch.uint8:
+            pixels = normalize_pixels(pixels.to(self.device, non_blocking=True))
         image = pixels.to(self.device, self.dtype, non_blocking=True)
         embeds = m.visual_encoder.visual(image, skip_last_layer=True)
         if m.large:

@@ -13,8 +13,10 @@ import copy
 import io
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision import transforms
@@ -79,11 +81,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def image_transform(image_res: int) -> transforms.Compose:
+    """ModelScope's image transform: bicubic resize, to [0, 1], CLIP's normalization; (3, R, R) float32."""
     return transforms.Compose([
         transforms.Resize((image_res, image_res), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.ToTensor(),
         transforms.Normalize(mean=CLIP_MEAN, std=CLIP_STD),
     ])
+
+
+def image_pixels(image_res: int) -> Callable[[Image.Image], torch.Tensor]:
+    """The server's half of `image_transform`, per request: the bicubic resize, to a (3, R, R) uint8 tensor.
+
+    The other half, `normalize_pixels`, runs once per batch where the model is (on the GPU, if there is one):
+    a quarter of the bytes cross to the device, and a handful of tensor operations per request leave the
+    request path. The two halves give exactly `image_transform`'s values (`tests/test_preprocess.py`).
+    """
+    resize = transforms.Resize((image_res, image_res), interpolation=transforms.InterpolationMode.BICUBIC)
+
+    def pixels(img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(resize(img), dtype=np.uint8)).permute(2, 0, 1)
+
+    return pixels
+
+
+_MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, R, R) uint8 from `image_pixels` -> float32, as ToTensor + Normalize compute it (same operations,
+    same order), on the tensor's device."""
+    return pixels.float().div(255).sub_(_MEAN.to(pixels.device)).div_(_STD.to(pixels.device))
 
 
 @dataclass(frozen=True)
