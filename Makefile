@@ -21,7 +21,7 @@ test: install-test system  ## the whole suite (CI runs exactly this)
 
 bench: install-test system  ## baseline, serve, cluster and ceiling side by side on the demo model -> bench/out
 	$(PIP) matplotlib
-	$(PY) bench/run.py --systems baseline,serve,cluster,ceiling --concurrency 1,8,32,100 --requests 300 \
+	$(PY) bench/run.py --systems baseline,serve,cluster,ceiling --concurrency 1,8,32,100 --requests 3000 \
 	  --out bench/out
 
 system:  ## Debian packages: HAProxy (the front), Chromium + driver (page tests), ab (load checks)
