@@ -20,7 +20,6 @@ test: install-test system  ## the whole suite (CI runs exactly this)
 	$(PY) -m pytest
 
 bench: install-test system  ## baseline, serve, cluster and ceiling side by side on the demo model -> bench/out
-	$(PIP) matplotlib
 	$(PY) bench/run.py --systems baseline,serve,cluster,ceiling --concurrency 1,8,32,100 --requests 3000 \
 	  --out bench/out
 

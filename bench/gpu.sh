@@ -1,17 +1,28 @@
 #!/usr/bin/env bash
 # The GPU figures in one command, on a CUDA host with Python 3.12 and its own PyTorch (no package index there).
 #
-#   bash bench/gpu.sh --prepare   # here, on a machine with an index: wheels -> .whl/, Debian's haproxy -> .deb/
+#   bash bench/gpu.sh --prepare   # here, on a machine with an index: wheels -> .whl/ (46 MB), haproxy -> .deb/
 #   bash bench/gpu.sh             # on the CUDA host, from the repository root (carry .whl and .deb along)
 #
-# It installs the wheels into /tmp/site, unpacks HAProxy into /tmp/haproxy-root, writes the full-size mPLUG-large
-# replica in FP16, and runs: the decoder bench (reference vs fast), the load bench (serve, cluster, ceiling at
-# concurrency 1, 32, 128), records GPU memory per worker, and profiles the cluster at concurrency 128.
-# Everything lands in ${OUT:-bench/out-gpu}.
-set -euo pipefail
+# With the device tool: run `bash bench/gpu.sh --prepare` here, then
+#   run(command="OUT=$OUT bash bench/gpu.sh", carry=[".whl", ".deb"], timeout_s=600)
+# Everything it measures lands in $OUT/gpu-results.tgz, one file (the tool brings back at most 8), plus the
+# summary $OUT/summary.md. It is built to finish in about 8 minutes on an H100: the load check and the load bench
+# (the issue's figures) first, the breakdown and the decoder bench after, each step's failure noted, not fatal.
+#
+# Steps: install the wheels into /tmp/site; unpack Debian's HAProxy into /tmp/haproxy-root (if it cannot run
+# there, the cluster rows are left out and summary.md says why); write the mPLUG-large replica in FP16 (504 px);
+# load it once and record load time and GPU memory; bench/run.py --systems serve,cluster,ceiling at concurrency
+# 1, 32, 128, with each process's GPU memory sampled under load and the model FLOP utilisation of every row;
+# bench/breakdown.py at concurrency 128; bench/decoder.py (reference vs fast).
+#
+# Knobs for a dry run on a CPU box (SKIP_INSTALL=1 DEVICE=cpu PRESET=demo REQUESTS=64 bash bench/gpu.sh):
+# DEVICE (cuda), PRESET (large), REQUESTS (512 per level), LEVELS (1,32,128), SKIP_INSTALL, REPLICA, OUT.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--prepare" ]]; then
+  set -e
   bash ../shared/gpu/fetch-wheels.sh .whl
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -22,54 +33,110 @@ if [[ "${1:-}" == "--prepare" ]]; then
   exit 0
 fi
 
+DEVICE=${DEVICE:-cuda}
+PRESET=${PRESET:-large}
+REQUESTS=${REQUESTS:-512}
+LEVELS=${LEVELS:-1,32,128}
 OUT=${OUT:-bench/out-gpu}
+WORK=$(mktemp -d /tmp/vqa-gpu-XXXX)  # everything measured, tarred into $OUT at the end
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-if ! command -v haproxy >/dev/null; then
+SUMMARY="$OUT/summary.md"
+: >"$SUMMARY"
+note() { echo "$*" | tee -a "$SUMMARY"; }
+finish() { tar czf "$OUT/gpu-results.tgz" -C "$WORK" . && note "results: $OUT/gpu-results.tgz"; }
+trap finish EXIT
+step() {  # step NAME COMMAND...: run it, note whether it worked, keep going
+  local name=$1; shift
+  local t0=$SECONDS
+  if "$@"; then note "- $name: ok in $((SECONDS - t0)) s"; else note "- $name: FAILED (exit $?) after $((SECONDS - t0)) s"; fi
+}
+
+if [[ -z "${SKIP_INSTALL:-}" ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+if ! command -v haproxy >/dev/null && [[ -d .deb ]]; then
   mkdir -p /tmp/haproxy-root
   for f in .deb/*.deb; do dpkg -x "$f" /tmp/haproxy-root; done
   export PATH=/tmp/haproxy-root/usr/sbin:$PATH
   export LD_LIBRARY_PATH=/tmp/haproxy-root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 fi
-haproxy -v | head -1 || echo "haproxy does not run here: the cluster row will be missing"
+SYSTEMS=serve,cluster,ceiling
+if haproxy -v >"$WORK/haproxy-version.txt" 2>&1; then
+  note "haproxy: $(head -1 "$WORK/haproxy-version.txt")"
+else
+  SYSTEMS=serve,ceiling
+  note "haproxy does not run here, so the cluster rows are missing: $(tail -3 "$WORK/haproxy-version.txt" | tr '\n' ' ')"
+fi
 
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-REPLICA=${REPLICA:-/tmp/mplug-large-fp16}
-[[ -f $REPLICA/model.safetensors ]] || python3 -m vqa_async.cli synth --preset large "$REPLICA" --dtype float16
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; } \
+  | tee "$WORK/gpu.txt" >>"$SUMMARY"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$SUMMARY"
+REPLICA=${REPLICA:-/tmp/mplug-$PRESET-fp16}
+[[ -f $REPLICA/model.safetensors ]] || step "synth $PRESET replica" \
+  python3 -m vqa_async.cli synth --preset "$PRESET" "$REPLICA" --dtype float16
 
-# load time and memory of one process on the GPU
-python3 - "$REPLICA" <<'PY' | tee "$OUT/load.json"
+load_check() {  # load time and memory of one process
+  python3 - "$REPLICA" "$DEVICE" <<'PY' | tee "$WORK/load.json" >>"$SUMMARY"
 import json, sys, time, torch
 from vqa_async.model.loader import load_model
 from vqa_async.model.answer import Answerer
-t = time.perf_counter(); m = load_model(sys.argv[1], device="cuda"); load_s = time.perf_counter() - t
-a = Answerer(m.model, m.tokenizer, m.device, m.dtype)
+t = time.perf_counter(); m = load_model(sys.argv[1], device=sys.argv[2]); load_s = time.perf_counter() - t
+a = Answerer(m.model, m.tokenizer, m.device, m.dtype, decoder="fast")
 px = [torch.zeros(3, m.image_res, m.image_res)] * 16
-a.answer(px, list(range(16)), m.tokenizer.encode(["what is in the picture?"] * 16)); torch.cuda.synchronize()
-print(json.dumps({"load_s": round(load_s, 2), "params_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
-                  "peak_gib_batch16": round(torch.cuda.max_memory_allocated() / 2**30, 2)}))
+a.answer(px, list(range(16)), m.tokenizer.encode(["what is in the picture?"] * 16))
+cuda = m.device.type == "cuda"
+if cuda:
+    torch.cuda.synchronize()
+print(json.dumps({"load_s": round(load_s, 2), "image_res": m.image_res, "dtype": str(m.dtype),
+                  "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None,
+                  "peak_gib_batch16": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}))
 PY
+}
+step "load check" load_check
 
-python3 bench/decoder.py --model "$REPLICA" --device cuda --batch 64 --n 512 2>"$OUT/decoder.log" | tail -1 \
-  | tee "$OUT/decoder.json" || true
+sample_memory() {  # each process's GPU memory, every 5 s while the load bench runs
+  while sleep 5; do
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>/dev/null \
+      | sed "s/^/$(date +%T), /" >>"$WORK/gpu-memory-per-process.csv"
+  done
+}
+sample_memory &
+SAMPLER=$!
+step "load bench ($SYSTEMS at $LEVELS, $REQUESTS requests per level)" \
+  python3 bench/run.py --systems "$SYSTEMS" --concurrency "$LEVELS" --requests "$REQUESTS" --model "$REPLICA" \
+  --device "$DEVICE" --decoder fast --workers 2 --out "$WORK/bench"
+kill $SAMPLER 2>/dev/null
+cat "$WORK/bench/results.md" >>"$SUMMARY" 2>/dev/null
+{ echo; echo "GPU memory per process (largest seen under load, MiB):"
+  awk -F', ' '{gsub(/ MiB/, "", $4); if ($4 > m[$2 " " $3]) m[$2 " " $3] = $4} END {for (k in m) print "  " k ": " m[k]}' \
+    "$WORK/gpu-memory-per-process.csv" 2>/dev/null; } | tee -a "$SUMMARY"
 
-python3 bench/run.py --systems serve,cluster,ceiling --concurrency 1,32,128 --requests 1024 --model "$REPLICA" \
-  --device cuda --decoder fast --workers 2 --max-batch-size 64 --out "$OUT" &
-BENCH=$!
-sleep 120; nvidia-smi --query-compute-apps=pid,used_memory --format=csv | tee "$OUT/gpu-memory-per-process.csv"
-wait $BENCH
-cat "$OUT/results.md"
-# Where the time goes per batch at concurrency 128 through HAProxy: decode, preprocessing, vision encoder,
-# decoder (GPU time: the executor synchronizes after the vision encoder), HTTP and HAProxy.
-python3 bench/breakdown.py --system cluster --workers 2 --concurrency 128 --requests 2048 --model "$REPLICA" \
-  --device cuda --max-batch-size 64 --out "$OUT/breakdown" || true
-# Model FLOP utilisation: about 1.02 TFLOP per answer with a decoder that does not recompute, against the
-# H100/H200 SXM dense FP16 tensor peak of 989 TFLOP/s.
-python3 - "$OUT/results.json" <<'PY'
+# Model FLOP utilisation: about 1.02 TFLOP per answer for mPLUG-large with a decoder that does not recompute,
+# against the H100/H200 SXM dense FP16 tensor peak of 989 TFLOP/s.
+python3 - "$WORK/bench/results.json" <<'PY' | tee -a "$SUMMARY"
 import json, sys
-rows = json.load(open(sys.argv[1]))
-for r in rows:
-    print(f"{r['system']:8s} c={r['concurrency']:4d} {r['answers_per_s']:8.1f} answers/s  "
-          f"MFU {r['answers_per_s'] * 1.02e12 / 989e12:.1%} (of 989 TFLOP/s)")
+for r in json.load(open(sys.argv[1])):
+    print(f"{r['system']:8s} c={r['concurrency']:4d} {r['answers_per_s']:8.1f} answers/s  P95 {r['p95_ms']:7.1f} ms  "
+          f"failures {r['failures']}  MFU {r['answers_per_s'] * 1.02e12 / 989e12:.1%} (of 989 TFLOP/s)")
 PY
+
+# Where the time goes per batch at the top concurrency through HAProxy (the vision stage is GPU time: the
+# executor synchronizes after it).
+TOP=${LEVELS##*,}
+if [[ $SYSTEMS == *cluster* ]]; then
+  step "breakdown at concurrency $TOP" python3 bench/breakdown.py --system cluster --workers 2 --concurrency "$TOP" \
+    --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" --out "$WORK/breakdown"
+else
+  step "breakdown at concurrency $TOP (serve)" python3 bench/breakdown.py --system serve --concurrency "$TOP" \
+    --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" --out "$WORK/breakdown"
+fi
+cat "$WORK/breakdown/breakdown.md" >>"$SUMMARY" 2>/dev/null
+
+decoder_bench() {
+  python3 bench/decoder.py --model "$REPLICA" --device "$DEVICE" --batch 64 --n 256 2>"$WORK/decoder.log" | tail -1 \
+    | tee "$WORK/decoder.json" >>"$SUMMARY"
+}
+step "decoder bench" decoder_bench
