@@ -16,7 +16,8 @@
 # 1, 32, 128, with each process's GPU memory sampled under load and the model FLOP utilisation of every row;
 # bench/breakdown.py at concurrency 128; bench/decoder.py (reference vs fast).
 #
-# Knobs for a dry run on a CPU box (SKIP_INSTALL=1 DEVICE=cpu PRESET=demo REQUESTS=64 bash bench/gpu.sh):
+# Knobs for a dry run on a CPU box (SKIP_INSTALL=1 DEVICE=cpu PRESET=demo REQUESTS=64 LEVELS=1,8,32 bash
+# bench/gpu.sh ran every step here in 90 s; it has not yet run on a GPU):
 # DEVICE (cuda), PRESET (large), REQUESTS (512 per level), LEVELS (1,32,128), SKIP_INSTALL, REPLICA, OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -116,11 +117,12 @@ cat "$WORK/bench/results.md" >>"$SUMMARY" 2>/dev/null
 
 # Model FLOP utilisation: about 1.02 TFLOP per answer for mPLUG-large with a decoder that does not recompute,
 # against the H100/H200 SXM dense FP16 tensor peak of 989 TFLOP/s.
-python3 - "$WORK/bench/results.json" <<'PY' | tee -a "$SUMMARY"
+python3 - "$WORK/bench/results.json" "$PRESET" <<'PY' | tee -a "$SUMMARY"
 import json, sys
 for r in json.load(open(sys.argv[1])):
+    mfu = f"MFU {r['answers_per_s'] * 1.02e12 / 989e12:.1%} (of 989 TFLOP/s)" if sys.argv[2] == "large" else ""
     print(f"{r['system']:8s} c={r['concurrency']:4d} {r['answers_per_s']:8.1f} answers/s  P95 {r['p95_ms']:7.1f} ms  "
-          f"failures {r['failures']}  MFU {r['answers_per_s'] * 1.02e12 / 989e12:.1%} (of 989 TFLOP/s)")
+          f"failures {r['failures']}  {mfu}")
 PY
 
 # Where the time goes per batch at the top concurrency through HAProxy (the vision stage is GPU time: the
