@@ -45,6 +45,7 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 
 
 def main() -> None:
+    from breakdown import proc_cpu
     from run import free_port, wait_ready
 
     from vqa_async.tools.loadgen import easy_vqa_requests, load, summarize
@@ -75,11 +76,6 @@ def main() -> None:
     print(json.dumps({"requests_per_s": s["answers_per_s"], "failures": s["failures"],
                       "server_cpu_ms_per_request": round(1000 * server / n, 3),
                       "loadgen_cpu_ms_per_request": round(1000 * (t2.user + t2.system - t.user - t.system) / n, 3)}))
-
-
-def proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
