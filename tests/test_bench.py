@@ -70,3 +70,10 @@ def test_breakdown_accounts_for_every_stage(tmp_path: Path) -> None:
     assert parts["worker: decoder"]["cpu_s"] > 0
     assert abs(sum(r["share"] for r in p["rows"]) - 1) < 0.01
     assert "CPU ms per answer" in (out / "breakdown.md").read_text()
+
+
+def test_http_floor_reports_cpu_per_request() -> None:
+    out = subprocess.run([sys.executable, "bench/http_floor.py", "--requests", "200", "--concurrency", "8"], cwd=ROOT,
+                         check=True, timeout=300, capture_output=True, text=True).stdout
+    floor = json.loads(out.strip().splitlines()[-1])
+    assert floor["failures"] == 0 and floor["server_cpu_ms_per_request"] > 0
