@@ -204,6 +204,38 @@ class Ceiling:
                 "p99_ms": pct(99), "mean_batch_size": float(bs)}
 
 
+def check_targets(rows: list[dict], device: str) -> list[str]:
+    """The issue's targets, where this run has the rows to judge them: one line each, met or not, with the figure.
+
+    CPU (the demo model): serve >= 3x baseline and cluster >= 0.85x ceiling at concurrency 32. GPU (the large
+    replica): >= 300 answers/s through HAProxy at concurrency 128 with P95 <= 1 s and no failures; idle latency
+    (concurrency 1, P50) <= 60 ms."""
+    by = {(r["system"], r["concurrency"]): r for r in rows}
+    out = []
+
+    def line(ok: bool, text: str) -> None:
+        out.append(f"{'met' if ok else 'NOT met'}: {text}")
+
+    if device == "cpu":
+        for num, den, need in (("serve", "baseline", 3.0), ("cluster", "ceiling", 0.85)):
+            a, b = by.get((num, 32)), by.get((den, 32))
+            if a and b and b["answers_per_s"]:
+                ratio = a["answers_per_s"] / b["answers_per_s"]
+                line(ratio >= need, f"{num}/{den} at concurrency 32 is {ratio:.2f} (target >= {need})")
+    else:
+        top = by.get(("cluster", 128))
+        if top:
+            line(top["answers_per_s"] >= 300 and top["p95_ms"] <= 1000 and top["failures"] == 0,
+                 f"cluster at concurrency 128: {top['answers_per_s']} answers/s, P95 {top['p95_ms']} ms, "
+                 f"{top['failures']} failures (target >= 300/s, P95 <= 1000 ms, none)")
+        for name in ("cluster", "serve"):
+            idle = by.get((name, 1))
+            if idle:
+                line(idle["p50_ms"] <= 60, f"{name} idle latency (concurrency 1) P50 {idle['p50_ms']} ms, P95 "
+                     f"{idle['p95_ms']} ms (target P50 <= 60 ms)")
+    return out
+
+
 def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     systems = list(dict.fromkeys(r["system"] for r in rows))
@@ -231,6 +263,9 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
                 vals.append(f"{a['answers_per_s'] / b['answers_per_s']:.2f}" if a and b and b["answers_per_s"]
                             else "–")
             lines.append(f"| {num}/{den} | " + " | ".join(vals) + " |")
+    targets = check_targets(rows, meta["device"])
+    if targets:
+        lines += ["", "Targets:", ""] + [f"- {t}" for t in targets]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -335,6 +370,8 @@ def main() -> None:
         for c in levels:
             if by.get((num, c)) and by.get((den, c)):
                 print(f"{num}/{den} at concurrency {c}: {by[(num, c)] / by[(den, c)]:.2f}")
+    for t in check_targets(rows, args.device):
+        print("target " + t)
     print(f"wrote {out}/results.json, results.md, plot.png")
 
 

@@ -77,3 +77,22 @@ def test_http_floor_reports_cpu_per_request() -> None:
                          check=True, timeout=300, capture_output=True, text=True).stdout
     floor = json.loads(out.strip().splitlines()[-1])
     assert floor["failures"] == 0 and floor["server_cpu_ms_per_request"] > 0
+
+
+def test_targets_are_judged_from_the_rows() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from run import check_targets
+
+    def row(system: str, c: int, rate: float, p50: float = 10.0, p95: float = 20.0, failures: int = 0) -> dict:
+        return {"system": system, "concurrency": c, "answers_per_s": rate, "p50_ms": p50, "p95_ms": p95,
+                "failures": failures}
+
+    cpu = check_targets([row("baseline", 32, 100), row("serve", 32, 300), row("cluster", 32, 84),
+                         row("ceiling", 32, 100)], "cpu")
+    assert cpu == ["met: serve/baseline at concurrency 32 is 3.00 (target >= 3.0)",
+                   "NOT met: cluster/ceiling at concurrency 32 is 0.84 (target >= 0.85)"]
+    gpu = check_targets([row("cluster", 128, 310, p95=900, failures=1), row("cluster", 1, 20, p50=61)], "cuda")
+    assert [t.split(":")[0] for t in gpu] == ["NOT met", "NOT met"]
+    assert check_targets([row("cluster", 128, 310, p95=900), row("cluster", 1, 20, p50=40)], "cuda")[0] == (
+        "met: cluster at concurrency 128: 310 answers/s, P95 900 ms, 0 failures (target >= 300/s, P95 <= 1000 ms, "
+        "none)")
