@@ -354,7 +354,9 @@ async def test_not_ready_before_the_model_is_loaded(demo_dir: Path) -> None:
     'form-data; name="image"; filename="image.png"', 'form-data; name="question"', 'form-data; name="q"',
     'form-data; name="image"; filename="café photo.jpg"', 'form-data; name="image"; filename=""',
     'form-data; name=image; filename=a.png', 'form-data; name="a\\"b"', "form-data; name=\"image\"; "
-    "filename*=utf-8''%E2%82%AC.png", 'form-data; filename="x.png"; name="image"', 'FORM-DATA; NAME="image"', ""])
+    "filename*=utf-8''%E2%82%AC.png", 'form-data; filename="x.png"; name="image"', 'FORM-DATA; NAME="image"', "",
+    'form-data; name="/image"; filename="a.png"', 'form-data; name="image"; filename="/"',
+    'form-data; name="image"; filename="\\x.png"', 'form-data; name=""'])
 def test_form_part_names_match_aiohttps_parser(disposition: str) -> None:
     # The fast path reads the usual header with a regex; whatever it reads must be what aiohttp would read.
     from aiohttp import BodyPartReader

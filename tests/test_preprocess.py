@@ -167,3 +167,11 @@ def test_fast_tokenizer_gives_modelscopes_ids(vocab: str, demo_dir: Path, tmp_pa
 def test_normalizing_on_the_gpu_gives_the_cpus_values() -> None:
     pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     assert torch.equal(normalize_pixels(pixels.cuda()).cpu(), normalize_pixels(pixels))
+
+
+def test_callers_of_the_tokenizer_cannot_change_how_questions_are_encoded(demo_dir: Path) -> None:
+    # The demo's trainer pads answers to 4 tokens through `.tokenizer`; questions must stay at 25.
+    tok = QuestionTokenizer(str(demo_dir))
+    tok.tokenizer(["red"], padding="max_length", truncation=True, max_length=4)
+    assert tok.encode(["what is the shape in the image?"]).input_ids.shape == (1, QUESTION_MAX_TOKENS)
+    assert tok.encode([]).input_ids.shape == (0, QUESTION_MAX_TOKENS)

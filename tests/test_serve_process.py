@@ -64,3 +64,15 @@ def test_sigterm_answers_everything_queued_then_exits_0(demo_dir: Path, easy_vqa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_log_level_is_case_blind_and_a_bad_one_is_a_clean_error() -> None:
+    from vqa_async.cli import main
+    from vqa_async.config import Settings
+
+    assert Settings(device="cpu", log_level="debug").log_level == "DEBUG"
+    assert main(["--log-level", "loud", "serve"]) == 2
+    env = {k: v for k, v in os.environ.items() if k != "VQA_LOG_LEVEL"}
+    bad = subprocess.run([sys.executable, "-m", "vqa_async.cli", "serve"], env={**env, "VQA_LOG_LEVEL": "loud"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid log level" in bad.stderr and "Traceback" not in bad.stderr

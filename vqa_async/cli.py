@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("vqa_async")
 
@@ -104,6 +104,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vqa_async.config import add_arguments
 
@@ -127,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--queue-timeout-s", type=float, default=5.0, help="HAProxy queue wait before a 503")
     cl.add_argument("--server-maxconn", type=int, default=0, help="requests in flight per worker (0: 2x batch)")
     cl.add_argument("--haproxy-log", action="store_true", help="HAProxy's request log on stderr")
-    cl.add_argument("--retry-body-kb", type=int, default=1024,
+    cl.add_argument("--retry-body-kb", type=_at_least(16), default=1024,
                     help="uploads up to this size are retried on another worker if theirs dies (HAProxy buffers "
                          "them; a bigger buffer costs HAProxy more CPU per request)")
     cl.add_argument("--runtime-dir", default=None, help="where haproxy.cfg, its socket and state.json live")
@@ -162,7 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level or os.environ.get("VQA_LOG_LEVEL", "INFO"))
+    level = (args.log_level or os.environ.get("VQA_LOG_LEVEL", "INFO")).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        print(f"vqa-async: error: invalid log level {level!r}: expected DEBUG, INFO, WARNING or ERROR", file=sys.stderr)
+        return 2
+    args.log_level = level
+    _setup_logging(level)
     from vqa_async.model.loader import ModelLoadError
     from vqa_async.tools.convert import ConvertError
 

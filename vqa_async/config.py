@@ -63,6 +63,9 @@ class Settings:
             raise bad("device", "expected cpu, cuda, cuda:N or auto")
         if self.dtype not in ("auto", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32"):
             raise bad("dtype", "expected float16, bfloat16, float32 or auto")
+        object.__setattr__(self, "log_level", self.log_level.upper())
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise bad("log_level", "expected DEBUG, INFO, WARNING or ERROR")
         if self.loop not in ("uvloop", "asyncio"):
             raise bad("loop", "expected uvloop or asyncio")
         if self.decoder not in ("reference", "fast"):

@@ -81,7 +81,8 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
 
 
 # What browsers, curl, requests and aiohttp send: `form-data; name="x"` with an optional `; filename="y"`.
-_SIMPLE_DISPOSITION = re.compile(r'form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?', re.ASCII)
+# A value that starts with / or \ goes to aiohttp too (it strips that character).
+_SIMPLE_DISPOSITION = re.compile(r'form-data; name="([^"\\/][^"\\]*)"(?:; filename="([^"\\/][^"\\]*)")?', re.ASCII)
 
 
 def part_names(part: BodyPartReader) -> tuple[str | None, str | None]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from tokenizers import Tokenizer
 from torchvision import transforms
 from transformers import BertTokenizerFast
 
@@ -106,12 +107,15 @@ def image_pixels(image_res: int) -> Callable[[Image.Image], torch.Tensor]:
 
 _MEAN = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+_255 = torch.tensor(255.0)
 
 
 def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """(B, 3, R, R) uint8 from `image_pixels` -> float32, as ToTensor + Normalize compute it (same operations,
-    same order), on the tensor's device."""
-    return pixels.float().div(255).sub_(_MEAN.to(pixels.device)).div_(_STD.to(pixels.device))
+    same order), on the tensor's device. The divisor 255 is a tensor on that device: CUDA turns division by a
+    Python number into multiplication by its reciprocal, which is off by one bit in about 40% of the values."""
+    device = pixels.device
+    return pixels.float().div(_255.to(device)).sub_(_MEAN.to(device)).div_(_STD.to(device))
 
 
 @dataclass(frozen=True)
@@ -131,34 +135,45 @@ class QuestionTokenizer:
     Encoding goes straight to the Rust tokenizer, set once to truncate and pad to 25 tokens as ModelScope's call
     does; the `transformers` wrapper around it costs more than the tokenization itself.
 
-    One tokenizer per thread: handlers tokenize from a thread pool, and a fast tokenizer's padding/truncation
-    state is not safe to share between threads ("Already borrowed").
+    Each thread has its own copies: handlers tokenize from a thread pool, and a fast tokenizer's padding and
+    truncation state is neither safe to share between threads ("Already borrowed") nor to share with callers of
+    `.tokenizer`, whose own padding/truncation arguments would reset it (the demo's trainer pads answers to 4).
     """
 
     def __init__(self, vocab_dir: str, max_tokens: int = QUESTION_MAX_TOKENS) -> None:
         self.max_tokens = max_tokens
         # Built from vocab.txt once (the conversion takes about a second for BERT's 30,522 words; a copy for each
         # further thread takes milliseconds). Fails at load time, not at the first request.
-        self._template = self._configured(BertTokenizerFast.from_pretrained(vocab_dir))
+        self._template = BertTokenizerFast.from_pretrained(vocab_dir)
+        encoder = Tokenizer.from_str(self._template.backend_tokenizer.to_str())
+        encoder.enable_truncation(max_tokens)
+        encoder.enable_padding(length=max_tokens, pad_id=self._template.pad_token_id,
+                               pad_token=self._template.pad_token)
+        self._encoder_json = encoder.to_str()
         self._local = threading.local()
-        self._local.tokenizer = self._template
-
-    def _configured(self, tok: BertTokenizerFast) -> BertTokenizerFast:
-        backend = tok.backend_tokenizer
-        backend.enable_truncation(self.max_tokens)
-        backend.enable_padding(length=self.max_tokens, pad_id=tok.pad_token_id, pad_token=tok.pad_token)
-        return tok
+        self._local.tokenizer, self._local.encoder = self._template, encoder
 
     @property
     def tokenizer(self) -> BertTokenizerFast:
+        """This thread's `transformers` tokenizer (decoding, and whatever else a caller needs)."""
         tok = getattr(self._local, "tokenizer", None)
         if tok is None:
             tok = copy.deepcopy(self._template)
             self._local.tokenizer = tok
         return tok
 
+    def _encoder(self) -> Tokenizer:
+        enc = getattr(self._local, "encoder", None)
+        if enc is None:
+            enc = Tokenizer.from_str(self._encoder_json)
+            self._local.encoder = enc
+        return enc
+
     def encode(self, questions: list[str]) -> EncodedQuestions:
-        encodings = self.tokenizer.backend_tokenizer.encode_batch([q.lower() for q in questions])
+        if not questions:
+            empty = torch.empty((0, self.max_tokens), dtype=torch.long)
+            return EncodedQuestions(empty, empty.clone())
+        encodings = self._encoder().encode_batch([q.lower() for q in questions])
         return EncodedQuestions(torch.tensor([e.ids for e in encodings], dtype=torch.long),
                                 torch.tensor([e.attention_mask for e in encodings], dtype=torch.long))
 
