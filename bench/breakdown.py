@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import System, start  # noqa: E402
 
 from vqa_async.metrics import STAGES  # noqa: E402
-from vqa_async.tools.loadgen import easy_vqa_requests, load, summarize  # noqa: E402
+from vqa_async.tools.loadgen import easy_vqa_requests, encode_forms, load, summarize  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -119,14 +119,14 @@ def main() -> None:
     args.extra = extra
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = easy_vqa_requests(args.requests)
+    forms = encode_forms(easy_vqa_requests(args.requests))
     sysm = start(args.system, args, out)
     try:
         state = json.loads(Path(sysm.runtime_dir, "state.json").read_text()) if sysm.runtime_dir else None
-        load(sysm.url + "/v1/vqa", pairs[:200], args.concurrency)  # warm-up
+        load(sysm.url + "/v1/vqa", forms[:200], args.concurrency)  # warm-up
         before = snapshot(sysm, state)
         t0 = time.monotonic()
-        results = load(sysm.url + "/v1/vqa", pairs, args.concurrency, timeout_s=300)
+        results = load(sysm.url + "/v1/vqa", forms, args.concurrency, timeout_s=300)
         wall = time.monotonic() - t0
         after = snapshot(sysm, state)
     finally:

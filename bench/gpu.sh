@@ -7,8 +7,10 @@
 # With the device tool: run `bash bench/gpu.sh --prepare` here, then
 #   run(command="OUT=$OUT bash bench/gpu.sh", carry=[".whl", ".deb"], timeout_s=600)
 # Everything it measures lands in $OUT/gpu-results.tgz, one file (the tool brings back at most 8), plus the
-# summary $OUT/summary.md. It is built to finish in about 8 minutes on an H100: the load check and the load bench
-# (the figures) first, the breakdown and the decoder bench after, each step's failure noted, not fatal.
+# summary $OUT/summary.md. Each step has its own time limit (synth 90 s, load check 60, load bench 300, breakdown
+# 75, decoder 45: about 9.5 minutes at most with the install), the figures come first, a failed step is
+# noted, not fatal, and the tarball is rewritten after every step, so a run stopped at the tool's 600 s keeps
+# what it did.
 #
 # Steps: install the wheels into /tmp/site; unpack Debian's HAProxy into /tmp/haproxy-root (if it cannot run
 # there, the cluster rows are left out and summary.md says why); write the mPLUG-large replica in FP16 (504 px);
@@ -44,12 +46,14 @@ mkdir -p "$OUT"
 SUMMARY="$OUT/summary.md"
 : >"$SUMMARY"
 note() { echo "$*" | tee -a "$SUMMARY"; }
-finish() { tar czf "$OUT/gpu-results.tgz" -C "$WORK" . && note "results: $OUT/gpu-results.tgz"; }
-trap finish EXIT
-step() {  # step NAME COMMAND...: run it, note whether it worked, keep going
-  local name=$1; shift
+pack() { tar czf "$OUT/gpu-results.tgz" -C "$WORK" . 2>/dev/null; }
+trap 'pack; note "results: $OUT/gpu-results.tgz"' EXIT
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit, note how it went, pack, keep going
+  local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  if "$@"; then note "- $name: ok in $((SECONDS - t0)) s"; else note "- $name: FAILED (exit $?) after $((SECONDS - t0)) s"; fi
+  if timeout "$limit" "$@"; then note "- $name: ok in $((SECONDS - t0)) s"
+  else note "- $name: FAILED (exit $?; 124 = over its ${limit} s) after $((SECONDS - t0)) s"; fi
+  pack  # so that a run killed later (the device tool stops a command at 600 s) still brings back what was done
 }
 
 if [[ -z "${SKIP_INSTALL:-}" ]]; then
@@ -76,7 +80,8 @@ fi
   | tee "$WORK/gpu.txt" >>"$SUMMARY"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$SUMMARY"
 REPLICA=${REPLICA:-/tmp/mplug-$PRESET-fp16}
-[[ -f $REPLICA/model.safetensors ]] || step "synth $PRESET replica" \
+export REPLICA DEVICE WORK SUMMARY
+[[ -f $REPLICA/model.safetensors ]] || step "synth $PRESET replica" 90 \
   python3 -m vqa_async.cli synth --preset "$PRESET" "$REPLICA" --dtype float16
 
 load_check() {  # load time and memory of one process
@@ -96,24 +101,30 @@ print(json.dumps({"load_s": round(load_s, 2), "image_res": m.image_res, "dtype":
                   "peak_gib_batch16": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}))
 PY
 }
-step "load check" load_check
+export -f load_check
+step "load check" 60 bash -c load_check
 
-sample_memory() {  # each process's GPU memory, every 5 s while the load bench runs
+sample_memory() {  # each process's GPU memory and the GPU's total, every 5 s while the load bench runs
   while sleep 5; do
     nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>/dev/null \
       | sed "s/^/$(date +%T), /" >>"$WORK/gpu-memory-per-process.csv"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null \
+      | sed "s/^/$(date +%T), /" >>"$WORK/gpu-memory-total.csv"
   done
 }
 sample_memory &
 SAMPLER=$!
-step "load bench ($SYSTEMS at $LEVELS, $REQUESTS requests per level)" \
+step "load bench ($SYSTEMS at $LEVELS, $REQUESTS requests per level)" 300 \
   python3 bench/run.py --systems "$SYSTEMS" --concurrency "$LEVELS" --requests "$REQUESTS" --model "$REPLICA" \
   --device "$DEVICE" --decoder fast --workers 2 --out "$WORK/bench"
 kill $SAMPLER 2>/dev/null
 cat "$WORK/bench/results.md" >>"$SUMMARY" 2>/dev/null
-{ echo; echo "GPU memory per process (largest seen under load, MiB):"
-  awk -F', ' '{gsub(/ MiB/, "", $4); if ($4 > m[$2 " " $3]) m[$2 " " $3] = $4} END {for (k in m) print "  " k ": " m[k]}' \
-    "$WORK/gpu-memory-per-process.csv" 2>/dev/null; } | tee -a "$SUMMARY"
+{ echo; echo "GPU memory per process (largest seen under load, MiB; empty where nvidia-smi lists no processes):"
+  awk -F', ' '{v = $4 + 0; k = $2 " " $3; if (v > m[k]) m[k] = v} END {for (k in m) print "  " k ": " m[k]}' \
+    "$WORK/gpu-memory-per-process.csv" 2>/dev/null
+  echo "GPU memory in use, all processes (largest seen under load, MiB):"
+  awk -F', ' '{v = $2 + 0; if (v > m) m = v} END {print "  " m + 0}' "$WORK/gpu-memory-total.csv" 2>/dev/null
+} | tee -a "$SUMMARY"
 
 # Model FLOP utilisation: about 1.02 TFLOP per answer for mPLUG-large with a decoder that does not recompute,
 # against the H100/H200 SXM dense FP16 tensor peak of 989 TFLOP/s.
@@ -129,10 +140,10 @@ PY
 # executor synchronizes after it).
 TOP=${LEVELS##*,}
 if [[ $SYSTEMS == *cluster* ]]; then
-  step "breakdown at concurrency $TOP" python3 bench/breakdown.py --system cluster --workers 2 --concurrency "$TOP" \
+  step "breakdown at concurrency $TOP" 75 python3 bench/breakdown.py --system cluster --workers 2 --concurrency "$TOP" \
     --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" --out "$WORK/breakdown"
 else
-  step "breakdown at concurrency $TOP (serve)" python3 bench/breakdown.py --system serve --concurrency "$TOP" \
+  step "breakdown at concurrency $TOP (serve)" 75 python3 bench/breakdown.py --system serve --concurrency "$TOP" \
     --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" --out "$WORK/breakdown"
 fi
 cat "$WORK/breakdown/breakdown.md" >>"$SUMMARY" 2>/dev/null
@@ -141,4 +152,5 @@ decoder_bench() {
   python3 bench/decoder.py --model "$REPLICA" --device "$DEVICE" --batch 64 --n 256 2>"$WORK/decoder.log" | tail -1 \
     | tee "$WORK/decoder.json" >>"$SUMMARY"
 }
-step "decoder bench" decoder_bench
+export -f decoder_bench
+step "decoder bench" 45 bash -c decoder_bench

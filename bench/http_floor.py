@@ -48,7 +48,7 @@ def main() -> None:
     from breakdown import proc_cpu
     from run import free_port, wait_ready
 
-    from vqa_async.tools.loadgen import easy_vqa_requests, load, summarize
+    from vqa_async.tools.loadgen import easy_vqa_requests, encode_forms, load, summarize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=3000)
@@ -58,13 +58,13 @@ def main() -> None:
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=ROOT)
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc)
-        pairs = easy_vqa_requests(args.requests)
+        forms = encode_forms(easy_vqa_requests(args.requests))
         url = f"http://127.0.0.1:{port}/v1/vqa"
-        load(url, pairs[:200], args.concurrency)
+        load(url, forms[:200], args.concurrency)
         server_before = proc_cpu(proc.pid)
         t = os.times()
         t0 = time.monotonic()
-        results = load(url, pairs, args.concurrency)
+        results = load(url, forms, args.concurrency)
         wall = time.monotonic() - t0
         t2 = os.times()
         server = proc_cpu(proc.pid) - server_before

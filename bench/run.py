@@ -33,7 +33,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vqa_async.tools.loadgen import easy_vqa_requests, load, summarize  # noqa: E402
+from vqa_async.tools.loadgen import Form, easy_vqa_requests, encode_forms, load, summarize  # noqa: E402
 
 CEILING_MIN_S = 3.0
 QUESTIONS = ["what is in the picture?", "what color is it?", "is there a person?", "how many are there?"]
@@ -113,38 +113,45 @@ def start(name: str, args: argparse.Namespace, log_dir: Path) -> System:
                                  str(port), "--runtime-dir", str(rdir)] + model + common,
                                 stdout=log, stderr=subprocess.STDOUT)
         sysm = System(name, f"http://127.0.0.1:{port}", proc, runtime_dir=rdir)
-        wait_ready(sysm.url, proc)
-        time.sleep(1.5)  # HAProxy's first health checks
-        state = json.loads((rdir / "state.json").read_text())
-        sysm.metrics_urls = [f"http://127.0.0.1:{w['port']}/metrics" for w in state["workers"]]
-        return sysm
     else:
         raise ValueError(name)
-    wait_ready(sysm.url, proc)
+    try:  # a system that does not come up is stopped here, not left behind
+        wait_ready(sysm.url, proc)
+        if sysm.runtime_dir is not None:
+            time.sleep(1.5)  # HAProxy's first health checks
+            state = json.loads((sysm.runtime_dir / "state.json").read_text())
+            sysm.metrics_urls = [f"http://127.0.0.1:{w['port']}/metrics" for w in state["workers"]]
+    except BaseException:
+        sysm.stop()
+        raise
     return sysm
 
 
-def batch_totals(urls: list[str]) -> tuple[float, float]:
-    total = count = 0.0
+def batch_totals(urls: list[str]) -> tuple[float, float, float]:
+    """Summed over the workers: questions answered in model calls, model calls, and model calls that failed
+    (a failure splits the batch, and out-of-memory also halves the batch cap: figures then read low)."""
+    total = count = failed = 0.0
     for u in urls:
         with urllib.request.urlopen(u, timeout=5) as r:
             text = r.read().decode()
         total += float(re.search(r"^vqa_batch_size_sum ([0-9.e+]+)$", text, re.M).group(1))  # type: ignore[union-attr]
         count += float(re.search(r"^vqa_batch_size_count ([0-9.e+]+)$", text, re.M).group(1))  # type: ignore[union-attr]
-    return total, count
+        failed += sum(float(v) for v in re.findall(r"^vqa_batch_failures_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
+    return total, count, failed
 
 
-def measure_http(sysm: System, pairs: list[tuple[bytes, str]], concurrency: int) -> dict[str, Any]:
-    load(sysm.url + "/v1/vqa", pairs[: max(2, concurrency)], concurrency)  # warm-up
-    before = batch_totals(sysm.metrics_urls) if sysm.metrics_urls else (0.0, 0.0)
+def measure_http(sysm: System, forms: list[Form], concurrency: int) -> dict[str, Any]:
+    load(sysm.url + "/v1/vqa", forms[: max(2, concurrency)], concurrency)  # warm-up
+    before = batch_totals(sysm.metrics_urls) if sysm.metrics_urls else (0.0, 0.0, 0.0)
     t0 = time.monotonic()
-    results = load(sysm.url + "/v1/vqa", pairs, concurrency, timeout_s=300)
+    results = load(sysm.url + "/v1/vqa", forms, concurrency, timeout_s=300)
     wall = time.monotonic() - t0
     row = summarize(results, wall)
     if sysm.metrics_urls:
         after = batch_totals(sysm.metrics_urls)
         calls = after[1] - before[1]
         row["mean_batch_size"] = round((after[0] - before[0]) / calls, 2) if calls else 0.0
+        row["failed_model_calls"] = int(after[2] - before[2])
     else:
         row["mean_batch_size"] = 1.0
     return row
@@ -253,6 +260,11 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
             if r:
                 lines.append(f"| {s} | {c} | {r['answers_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
                              f"{r['failures']} | {r['mean_batch_size']} |")
+    failed = [f"{r['system']} c={r['concurrency']}: {r['failed_model_calls']}" for r in rows
+              if r.get("failed_model_calls")]
+    if failed:
+        lines += ["", "Model calls that failed and were split (out of memory also halves the batch cap, so these rows "
+                  "read low): " + ", ".join(failed)]
     lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |",
               "| --- | " + " | ".join("---:" for _ in levels) + " |"]
     for num, den in (("serve", "baseline"), ("cluster", "baseline"), ("cluster", "ceiling"), ("serve", "ceiling")):
@@ -312,6 +324,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pairs = folder_requests(Path(args.images), args.requests) if args.images else easy_vqa_requests(args.requests)
+    forms = encode_forms(pairs)
     rows: list[dict] = []
     bar = tqdm(total=len(systems) * len(levels), desc="bench", unit="level")
     running: list[System] = []
@@ -328,7 +341,7 @@ def main() -> None:
         if isinstance(sysm, Ceiling):
             rows.append(sysm.measure(c))
         else:
-            rows.append({"system": name, "concurrency": c, **measure_http(sysm, pairs, c)})
+            rows.append({"system": name, "concurrency": c, **measure_http(sysm, forms, c)})
         bar.update(1)
 
     try:
