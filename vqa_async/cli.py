@@ -23,7 +23,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from vqa_async.config import settings_from_args
 
     settings = settings_from_args(args)
-    logging.getLogger().setLevel(settings.log_level)
     app = init_app(settings)
     loop = None
     if settings.loop == "uvloop":
@@ -173,8 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = (args.log_level or os.environ.get("VQA_LOG_LEVEL", "INFO")).upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        print(f"vqa-async: error: invalid log level {level!r}: expected DEBUG, INFO, WARNING or ERROR", file=sys.stderr)
+    from vqa_async.config import LOG_LEVELS
+
+    if level not in LOG_LEVELS:
+        print(f"vqa-async: error: invalid log level {level!r}: expected {', '.join(LOG_LEVELS)}", file=sys.stderr)
         return 2
     args.log_level = level
     _setup_logging(level)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 ENV_PREFIX = "VQA_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _default_device() -> str:
@@ -64,8 +65,8 @@ class Settings:
         if self.dtype not in ("auto", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32"):
             raise bad("dtype", "expected float16, bfloat16, float32 or auto")
         object.__setattr__(self, "log_level", self.log_level.upper())
-        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise bad("log_level", "expected DEBUG, INFO, WARNING or ERROR")
+        if self.log_level not in LOG_LEVELS:
+            raise bad("log_level", "expected " + ", ".join(LOG_LEVELS))
         if self.loop not in ("uvloop", "asyncio"):
             raise bad("loop", "expected uvloop or asyncio")
         if self.decoder not in ("reference", "fast"):

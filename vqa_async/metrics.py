@@ -9,8 +9,9 @@ from contextlib import contextmanager
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 # Where the time of a request goes, for the bench's profile: per request `decode` (image bytes to an upright RGB
-# image) and `preprocess` (resize, normalize, tokenize, hash); per model call `vision` (the vision encoder) and
-# `decoder` (text encoder, fusion and answer generation). HTTP is the process's CPU time minus these.
+# image) and `preprocess` (resize, tokenize, hash); per model call `vision` (normalizing the batch's pixels and the
+# vision encoder) and `decoder` (text encoder, fusion and answer generation). HTTP is the process's CPU time minus
+# these.
 STAGES = ("decode", "preprocess", "vision", "decoder")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)

@@ -17,7 +17,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -83,8 +83,8 @@ class Worker:
 class Cluster:
     def __init__(self, options: ClusterOptions, serve: Settings) -> None:
         self.opt = options
-        self.serve = serve
-        self.model = serve.model
+        self.serve = serve  # a rolling reload onto a new directory replaces its `model`
+        self.stats_port = options.stats_port or options.port + 1
         # Absolute: HAProxy reads a relative `stats socket` path as host:port and refuses the config.
         self.runtime_dir = (options.runtime_dir or runtime_dir_for(options.port)).resolve()
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ class Cluster:
         return max(1, (os.cpu_count() or 1) // max(1, len(on_cpu)))
 
     # Set per worker; every other serve setting is passed on as it is.
-    PER_WORKER = frozenset({"host", "port", "unix_socket", "device", "torch_threads", "model", "log_level"})
+    PER_WORKER = frozenset({"host", "port", "unix_socket", "device", "torch_threads", "log_level"})
 
     def _worker_args(self, w: Worker) -> list[str]:
         args = serve_command() + ["--log-level", self.serve.log_level, "serve", "--host", "127.0.0.1",
@@ -116,13 +116,11 @@ class Cluster:
             value = getattr(self.serve, f.name)
             if f.name not in self.PER_WORKER and value is not None:
                 args += ["--" + f.name.replace("_", "-"), str(value)]
-        if self.model:
-            args += ["--model", str(self.model)]
         return args
 
     async def _spawn(self, w: Worker) -> None:
         w.expected_exit = False
-        w.proc = await asyncio.create_subprocess_exec(*self._worker_args(w), start_new_session=False)
+        w.proc = await asyncio.create_subprocess_exec(*self._worker_args(w))
         w.started_at = time.monotonic()
         log.info("worker %s started: pid %d, port %d, %s", w.name, w.proc.pid, w.port, w.device)
         self._write_state()
@@ -172,10 +170,6 @@ class Cluster:
                 return
             await self._spawn(w)  # HAProxy's health check puts it back in rotation once /readyz answers
 
-    def _watch_all(self) -> None:
-        for w in self.workers:
-            self._keep(self._watch(w))
-
     def _keep(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -187,7 +181,7 @@ class Cluster:
         servers += [haproxy.Server(f"remote{i}", b) for i, b in enumerate(self.opt.backends)]
         cfg = haproxy.render(
             servers, host=self.opt.host, port=self.opt.port, stats_host="127.0.0.1",
-            stats_port=self.opt.stats_port or self.opt.port + 1, admin_socket=self.admin_socket,
+            stats_port=self.stats_port, admin_socket=self.admin_socket,
             max_body_bytes=self.serve.max_body_bytes,
             server_maxconn=self.opt.server_maxconn or 2 * self.serve.max_batch_size,
             queue_timeout_s=self.opt.queue_timeout_s, server_timeout_s=self.serve.timeout_s + 5,
@@ -197,7 +191,7 @@ class Cluster:
         return path
 
     def _write_state(self) -> None:
-        state = {"pid": os.getpid(), "port": self.opt.port, "model": self.model,
+        state = {"pid": os.getpid(), "port": self.opt.port, "model": self.serve.model,
                  "admin_socket": str(self.admin_socket),
                  "haproxy_pid": self.haproxy.pid if self.haproxy else None,
                  "workers": [{"name": w.name, "port": w.port, "device": w.device,
@@ -210,7 +204,7 @@ class Cluster:
     async def rolling_reload(self, model: str | None = None) -> None:
         async with self._reloading:
             if model:
-                self.model = model
+                self.serve = self.serve.replace(model=model)
             log.info("rolling reload of %d workers%s", len(self.workers), f" onto {model}" if model else "")
             for w in self.workers:
                 if self._stopping.is_set():
@@ -226,21 +220,22 @@ class Cluster:
                 log.info("worker %s reloaded", w.name)
             log.info("rolling reload done")
 
-    async def _wait_idle(self, w: Worker, timeout: float) -> None:
+    async def _wait_row(self, w: Worker, done: Callable[[dict[str, str]], bool], timeout: float) -> bool:
+        """Polls HAProxy's stats row of `w` until `done(row)`; False if `timeout` passes first."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            row = (await self.api.stats()).get(w.name, {})
-            if int(row.get("scur") or 0) == 0 and int(row.get("qcur") or 0) == 0:
-                return
+            if done((await self.api.stats()).get(w.name, {})):
+                return True
             await asyncio.sleep(0.1)
-        log.warning("worker %s still busy after %.0fs of draining", w.name, timeout)
+        return False
+
+    async def _wait_idle(self, w: Worker, timeout: float) -> None:
+        if not await self._wait_row(w, lambda row: int(row.get("scur") or 0) == 0 and int(row.get("qcur") or 0) == 0,
+                                    timeout):
+            log.warning("worker %s still busy after %.0fs of draining", w.name, timeout)
 
     async def _wait_up(self, w: Worker, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if (await self.api.stats()).get(w.name, {}).get("status", "").startswith("UP"):
-                return
-            await asyncio.sleep(0.1)
+        await self._wait_row(w, lambda row: row.get("status", "").startswith("UP"), timeout)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -252,21 +247,22 @@ class Cluster:
             for w in self.workers:
                 await self._spawn(w)
             await asyncio.gather(*(self._wait_ready(w, self.opt.ready_timeout_s) for w in self.workers))
-            self._watch_all()
+            for w in self.workers:
+                self._keep(self._watch(w))
             cfg = self._render()
             self.haproxy = await haproxy.start(cfg)
             self._write_state()
             log.info("cluster ready: http://%s:%d (%d workers); stats http://127.0.0.1:%d/stats, metrics /metrics",
-                     self.opt.host, self.opt.port, len(self.workers), self.opt.stats_port or self.opt.port + 1)
-            stop = asyncio.ensure_future(self._stopping.wait())
-            proxy_exit = asyncio.ensure_future(self.haproxy.wait())
-            await asyncio.wait({stop, proxy_exit}, return_when=asyncio.FIRST_COMPLETED)
-            if proxy_exit.done() and not self._stopping.is_set():
+                     self.opt.host, self.opt.port, len(self.workers), self.stats_port)
+            waits = {asyncio.ensure_future(self._stopping.wait()), asyncio.ensure_future(self.haproxy.wait())}
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in waits:
+                    t.cancel()
+            if not self._stopping.is_set():  # then HAProxy exited
                 log.error("haproxy exited with %s; stopping the cluster", self.haproxy.returncode)
-                self._stopping.set()
                 return 1
-            stop.cancel()
-            proxy_exit.cancel()
             return 0
         finally:
             await self.shutdown()

@@ -51,7 +51,7 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
         raise bad("missing_image", "add the picture as a file field named 'image' (a multipart/form-data upload)")
     # Read the parts ourselves, in memory and bounded: no spooled temporary files to leak on a bad request.
     image: bytes | None = None
-    questions: list[str | bytes] = []
+    questions: list[bytes] = []
     total = 0
     try:
         reader = await request.multipart()
@@ -95,13 +95,13 @@ def part_names(part: BodyPartReader) -> tuple[str | None, str | None]:
     return part.name, part.filename
 
 
-def _form_input(image: bytes | None, raw_questions: list[str | bytes], settings: Settings) -> VqaInput:
+def _form_input(image: bytes | None, raw_questions: list[bytes], settings: Settings) -> VqaInput:
     if image is None:
         raise bad("missing_image", "add the picture as a file field named 'image'")
     questions = []
     for q in raw_questions:
         try:
-            questions.append(q if isinstance(q, str) else q.decode("utf-8"))
+            questions.append(q.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise bad("invalid_utf8", "the question is not valid UTF-8") from e
     return VqaInput(image, check_questions(questions, settings), plural=len(questions) > 1)

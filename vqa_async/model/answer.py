@@ -36,6 +36,7 @@ class Answerer:
         self.device = device
         self.dtype = dtype
         self.decoder = decoder
+        self._fast = FastDecoder.for_model(model) if decoder == "fast" else None
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -64,8 +65,8 @@ class Answerer:
             encoder_attention_mask=image_atts, return_dict=False)
         states = torch.cat([image_output, question_output], 1)
         atts = torch.cat([image_atts, attention_mask], 1)
-        if self.decoder == "fast":
-            topk_ids, _ = FastDecoder.for_model(m).generate(states, atts)
+        if self._fast is not None:
+            topk_ids, _ = self._fast.generate(states, atts)
         else:
             topk_ids, _ = m.generation(states, atts)
         return [self._answered(ids[0]) for ids in topk_ids]

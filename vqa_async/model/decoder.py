@@ -254,10 +254,3 @@ class FastDecoder:
         pred_ids = [each[:out_size] for each in predictions_out]
         scores = [each[:out_size] for each in scores_out]
         return pred_ids, scores
-
-
-def fast_generation(model: Any, states: torch.Tensor, atts: torch.Tensor,
-                    out_size: int = 1) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-    """Drop-in for `model.generation(states, atts, out_size)`."""
-    return FastDecoder.for_model(model).generate(states, atts, out_size=out_size)
-

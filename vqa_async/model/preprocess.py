@@ -15,6 +15,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from transformers import BertTokenizerFast
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+T = TypeVar("T")
 QUESTION_MAX_TOKENS = 25  # MPlugPreprocessor's tokenizer_max_length
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO"})
 
@@ -153,21 +155,21 @@ class QuestionTokenizer:
         self._local = threading.local()
         self._local.tokenizer, self._local.encoder = self._template, encoder
 
+    def _own(self, name: str, make: Callable[[], T]) -> T:
+        """This thread's copy of `name`, made on its first use."""
+        obj: T | None = getattr(self._local, name, None)
+        if obj is None:
+            obj = make()
+            setattr(self._local, name, obj)
+        return obj
+
     @property
     def tokenizer(self) -> BertTokenizerFast:
         """This thread's `transformers` tokenizer (decoding, and whatever else a caller needs)."""
-        tok = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            tok = copy.deepcopy(self._template)
-            self._local.tokenizer = tok
-        return tok
+        return self._own("tokenizer", lambda: copy.deepcopy(self._template))
 
     def _encoder(self) -> Tokenizer:
-        enc = getattr(self._local, "encoder", None)
-        if enc is None:
-            enc = Tokenizer.from_str(self._encoder_json)
-            self._local.encoder = enc
-        return enc
+        return self._own("encoder", lambda: Tokenizer.from_str(self._encoder_json))
 
     def encode(self, questions: list[str]) -> EncodedQuestions:
         if not questions:

@@ -12,6 +12,16 @@ from torch import nn
 from vqa_async.model.architecture import WEIGHTS_NAME, serving_keys
 
 
+def write_weights(tensors: dict[str, torch.Tensor], dst: str | os.PathLike[str], metadata: dict[str, str]) -> Path:
+    """Writes `dst/model.safetensors` atomically (a temporary file, then a rename), readable by all."""
+    path = Path(dst) / WEIGHTS_NAME
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+    os.replace(tmp, path)
+    path.chmod(0o644)  # safetensors writes 0600; workers may run as another user
+    return path
+
+
 def save_serving_weights(model: nn.Module, dst: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Path:
     """Writes the model's serving tensors (tied ones once) to `dst/model.safetensors`, atomically."""
     keys = serving_keys(model)
@@ -22,9 +32,4 @@ def save_serving_weights(model: nn.Module, dst: str | os.PathLike[str], dtype: t
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[k] = t.contiguous().cpu()
-    path = Path(dst) / WEIGHTS_NAME
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "vqa-async"})
-    os.replace(tmp, path)
-    path.chmod(0o644)  # safetensors writes 0600; workers may run as another user
-    return path
+    return write_weights(tensors, dst, {"producer": "vqa-async"})

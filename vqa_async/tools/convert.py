@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from modelscope.models.multi_modal.mplug.modeling_mplug import CONFIG_NAME
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vqa_async.model.architecture import (
@@ -25,12 +24,12 @@ from vqa_async.model.architecture import (
     TIED_DECODER_SOURCE,
     TIED_DECODER_WEIGHT,
     VOCAB_NAME,
-    WEIGHTS_NAME,
     build_empty,
     is_training_only,
     read_config,
     serving_keys,
 )
+from vqa_async.model.weights import write_weights
 
 SOURCE_WEIGHTS = "pytorch_model.bin"
 # Tied pairs: upstream's load_state_dict copies both keys into one Parameter, so the key that comes later in
@@ -124,8 +123,5 @@ def convert(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None, 
     for name in (CONFIG_NAME, BERT_CONFIG_NAME, VOCAB_NAME, CONFIGURATION_NAME):
         if (src / name).is_file() and src.resolve() != dst.resolve():
             shutil.copyfile(src / name, dst / name)
-    tmp = dst / (WEIGHTS_NAME + ".tmp")
-    save_file(out, str(tmp), metadata={"format": "pt", "producer": "vqa-async convert", "source": str(src)})
-    tmp.replace(dst / WEIGHTS_NAME)
-    (dst / WEIGHTS_NAME).chmod(0o644)  # safetensors writes 0600; workers may run as another user
+    write_weights(out, dst, {"producer": "vqa-async convert", "source": str(src)})
     return report

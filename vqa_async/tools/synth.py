@@ -11,11 +11,11 @@ import zlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vqa_async.model.architecture import WEIGHTS_NAME, build_empty, read_config, serving_keys
+from vqa_async.model.architecture import build_empty, read_config, serving_keys
 from vqa_async.model.presets import PRESETS
+from vqa_async.model.weights import write_weights
 
 NORM_WEIGHTS = ("LayerNorm.weight", "ln_pre.weight", "ln_post.weight", "ln_1.weight", "ln_2.weight",
                 "visn_layer_norm.weight")
@@ -42,8 +42,5 @@ def synth(preset: str, dst: str | Path, dtype: torch.dtype = torch.float16, seed
             t = torch.randn(shape, generator=gen) * 0.02
         tensors[k] = t.to(dtype)
         total += t.numel()
-    tmp = dst / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": f"vqa-async synth {preset} seed={seed}"})
-    tmp.replace(dst / WEIGHTS_NAME)
-    (dst / WEIGHTS_NAME).chmod(0o644)  # safetensors writes 0600; workers may run as another user
+    write_weights(tensors, dst, {"producer": f"vqa-async synth {preset} seed={seed}"})
     return total
