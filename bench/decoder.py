@@ -21,9 +21,7 @@ from typing import Any
 
 import torch
 
-from vqa_async.model import answer as answer_module
 from vqa_async.model.answer import Answered, Answerer
-from vqa_async.model.decoder import FastDecoder
 from vqa_async.model.loader import load_model
 from vqa_async.model.preprocess import EncodedQuestions, decode_image, image_transform
 
@@ -92,7 +90,9 @@ def main() -> None:
     questions, image_ids = questions[:n], image_ids[:n]
     distinct = list(dict.fromkeys(image_ids))
     tf = image_transform(loaded.image_res)
-    answerer = Answerer(loaded.model, loaded.tokenizer, device, loaded.dtype)
+    answerers = {name: Answerer(loaded.model, loaded.tokenizer, device, loaded.dtype, decoder=name,
+                                attention=args.attention) for name in DECODERS}
+    answerer = answerers["reference"]
 
     t0 = time.perf_counter()
     chunks = []
@@ -115,19 +115,12 @@ def main() -> None:
     model = loaded.model
     model.generation = clocks["reference"].wrap(model.generation)  # type: ignore[method-assign]
 
-    class TimedFastDecoder(FastDecoder):
-        def __init__(self, *a: Any, **k: Any) -> None:
-            k["attention"] = args.attention
-            super().__init__(*a, **k)
-
-        def generate(self, *a: Any, **k: Any) -> Any:
-            return clocks["fast"].wrap(super().generate)(*a, **k)
-
-    answer_module.FastDecoder = TimedFastDecoder  # type: ignore[misc]
+    fast = answerers["fast"].fast
+    assert fast is not None
+    fast.generate = clocks["fast"].wrap(fast.generate)  # type: ignore[method-assign]
 
     def run(name: str, batch: tuple[torch.Tensor, EncodedQuestions]) -> list[Answered]:
-        answerer.decoder = name
-        return answerer.answer_embedded(*batch)
+        return answerers[name].answer_embedded(*batch)
 
     first = batches[0][1]
     warm = (batches[0][0][:2], EncodedQuestions(first.input_ids[:2], first.attention_mask[:2]))
@@ -183,7 +176,7 @@ def main() -> None:
         "device": str(device),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
-        "attention": "sdpa" if FastDecoder.for_model(model, args.attention).uses_sdpa(loaded.dtype) else "matmul",
+        "attention": "sdpa" if fast.uses_sdpa(loaded.dtype) else "matmul",
     }
     print(json.dumps(result))
 

@@ -28,15 +28,19 @@ class Answerer:
     """Runs a loaded model. Not thread-safe by design: one executor thread owns it."""
 
     def __init__(self, model: ServingMPlugVQA, tokenizer: QuestionTokenizer, device: torch.device,
-                 dtype: torch.dtype, decoder: str = "reference") -> None:
+                 dtype: torch.dtype, decoder: str = "reference", attention: str = "auto") -> None:
+        """`decoder`: "reference" (ModelScope's `generation`) or "fast" (`FastDecoder`, with `attention`)."""
         if decoder not in ("reference", "fast"):
             raise ValueError(f"unknown decoder {decoder!r}; choose reference or fast")
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
-        self.decoder = decoder
-        self._fast = FastDecoder.for_model(model) if decoder == "fast" else None
+        self.fast = FastDecoder.for_model(model, attention) if decoder == "fast" else None
+
+    @property
+    def decoder(self) -> str:
+        return "fast" if self.fast is not None else "reference"
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -65,8 +69,8 @@ class Answerer:
             encoder_attention_mask=image_atts, return_dict=False)
         states = torch.cat([image_output, question_output], 1)
         atts = torch.cat([image_atts, attention_mask], 1)
-        if self._fast is not None:
-            topk_ids, _ = self._fast.generate(states, atts)
+        if self.fast is not None:
+            topk_ids, _ = self.fast.generate(states, atts)
         else:
             topk_ids, _ = m.generation(states, atts)
         return [self._answered(ids[0]) for ids in topk_ids]
