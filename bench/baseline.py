@@ -49,8 +49,9 @@ def build(model_dir: str | None, device: str) -> web.Application:
     async def vqa(request: web.Request) -> web.Response:
         form = await request.post()
         f = form["image"]
-        data = f.file.read() if isinstance(f, web.FileField) else b""
+        data = b""
         if isinstance(f, web.FileField):
+            data = f.file.read()
             f.file.close()
         text = await asyncio.get_running_loop().run_in_executor(one, answer, data, str(form["question"]))
         return web.Response(body=orjson.dumps({"answer": text, "batch_size": 1}), content_type="application/json")

@@ -17,16 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from run import System, start  # noqa: E402
+from run import System, scrape, start
 
 from vqa_async.metrics import STAGES  # noqa: E402
 from vqa_async.tools.loadgen import easy_vqa_requests, encode_forms, load, summarize  # noqa: E402
@@ -45,21 +41,12 @@ def proc_cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def scrape(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for name, label, value in re.findall(r'^(\w+)(?:\{stage="(\w+)"\})? ([0-9.e+-]+)$', text, re.M):
-        out[f"{name}:{label}" if label else name] = float(value)
-    return out
-
-
-def snapshot(sysm: System, state: dict[str, Any] | None) -> dict[str, Any]:
+def snapshot(sysm: System) -> dict[str, Any]:
     t = os.times()
     snap: dict[str, Any] = {"loadgen": t.user + t.system, "workers": [scrape(u) for u in sysm.metrics_urls]}
-    if state:
-        snap["haproxy"] = proc_cpu(state["haproxy_pid"])
-        snap["supervisor"] = proc_cpu(state["pid"])
+    if sysm.state:
+        snap["haproxy"] = proc_cpu(sysm.state["haproxy_pid"])
+        snap["supervisor"] = proc_cpu(sysm.state["pid"])
     return snap
 
 
@@ -71,7 +58,7 @@ def profile(before: dict[str, Any], after: dict[str, Any], answers: int, wall: f
     if "haproxy" in after:
         cpu["HAProxy"] = after["haproxy"] - before["haproxy"]
         cpu["supervisor"] = after["supervisor"] - before["supervisor"]
-    stages = {s: worker_sum(f"vqa_stage_cpu_seconds_total:{s}") for s in STAGES}
+    stages = {s: worker_sum(f'vqa_stage_cpu_seconds_total{{stage="{s}"}}') for s in STAGES}
     worker_total = worker_sum("process_cpu_seconds_total")
     cpu["worker: HTTP, JSON, queue, batching (the rest)"] = worker_total - sum(stages.values())
     for s, v in stages.items():
@@ -82,7 +69,7 @@ def profile(before: dict[str, Any], after: dict[str, Any], answers: int, wall: f
     rows = [{"part": k, "cpu_s": round(v, 3), "ms_per_answer": round(1000 * v / answers, 3),
              "ms_per_batch": round(1000 * v / calls, 2) if calls else 0.0, "share": round(v / total, 3)}
             for k, v in cpu.items()]
-    wall_stage = {s: worker_sum(f"vqa_stage_seconds_total:{s}") for s in ("vision", "decoder")}
+    wall_stage = {s: worker_sum(f'vqa_stage_seconds_total{{stage="{s}"}}') for s in ("vision", "decoder")}
     return {"answers": answers, "wall_s": round(wall, 2), "answers_per_s": round(answers / wall, 1),
             "cores": os.cpu_count(), "cpu_busy": round(total / (wall * (os.cpu_count() or 1)), 3),
             "model_calls": int(calls), "mean_batch_size": round(batch, 2),
@@ -122,13 +109,12 @@ def main() -> None:
     forms = encode_forms(easy_vqa_requests(args.requests))
     sysm = start(args.system, args, out)
     try:
-        state = json.loads(Path(sysm.runtime_dir, "state.json").read_text()) if sysm.runtime_dir else None
         load(sysm.url + "/v1/vqa", forms[:200], args.concurrency)  # warm-up
-        before = snapshot(sysm, state)
+        before = snapshot(sysm)
         t0 = time.monotonic()
         results = load(sysm.url + "/v1/vqa", forms, args.concurrency, timeout_s=300)
         wall = time.monotonic() - t0
-        after = snapshot(sysm, state)
+        after = snapshot(sysm)
     finally:
         sysm.stop()
     summary = summarize(results, wall)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SERVER = """
 import sys, orjson, uvloop
@@ -46,9 +45,9 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 
 def main() -> None:
     from breakdown import proc_cpu
-    from run import free_port, wait_ready
 
-    from vqa_async.tools.loadgen import easy_vqa_requests, encode_forms, load, summarize
+    from vqa_async.cluster.supervisor import free_port
+    from vqa_async.tools.loadgen import easy_vqa_requests, encode_forms, load, summarize, wait_ready
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=3000)

@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,22 +30,19 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vqa_async.tools.loadgen import Form, easy_vqa_requests, encode_forms, load, summarize  # noqa: E402
+from vqa_async.cluster.supervisor import free_port, free_port_pair, serve_command  # noqa: E402
+from vqa_async.tools.loadgen import (  # noqa: E402
+    Form,
+    easy_vqa_requests,
+    encode_forms,
+    load,
+    percentile,
+    summarize,
+    wait_ready,
+)
 
 CEILING_MIN_S = 3.0
 QUESTIONS = ["what is in the picture?", "what color is it?", "is there a person?", "how many are there?"]
-
-
-def free_port(pair: bool = False) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if not pair:
-            return port
-        with suppress(OSError), socket.socket() as s:
-            s.bind(("127.0.0.1", port + 1))
-            return port
 
 
 def folder_requests(folder: Path, n: int) -> list[tuple[bytes, str]]:
@@ -65,7 +59,7 @@ class System:
     url: str
     proc: subprocess.Popen[bytes] | None
     metrics_urls: list[str] = field(default_factory=list)
-    runtime_dir: Path | None = None  # the cluster's, with its state.json
+    state: dict[str, Any] | None = None  # the cluster's state.json: its pids and ports
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -78,53 +72,54 @@ class System:
             self.proc.wait()
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
-        with suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-            if r.status == 200:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} not ready")
-
-
 def start(name: str, args: argparse.Namespace, log_dir: Path) -> System:
-    py = sys.executable
     model = ["--model", args.model] if args.model else []
     common = ["--device", args.device, "--decoder", args.decoder] + (
         ["--max-batch-size", str(args.max_batch_size)] if args.max_batch_size else []) + getattr(args, "extra", [])
-    log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    rdir = None
     if name == "baseline":
         port = free_port()
-        proc = subprocess.Popen([py, str(ROOT / "bench" / "baseline.py"), "--port", str(port), "--device",
-                                 args.device] + model, stdout=log, stderr=subprocess.STDOUT)
-        sysm = System(name, f"http://127.0.0.1:{port}", proc)
+        cmd = [sys.executable, str(ROOT / "bench" / "baseline.py"), "--port", str(port), "--device", args.device]
+        cmd += model
     elif name == "serve":
         port = free_port()
-        proc = subprocess.Popen([py, "-m", "vqa_async.cli", "serve", "--port", str(port)] + model + common,
-                                stdout=log, stderr=subprocess.STDOUT)
-        sysm = System(name, f"http://127.0.0.1:{port}", proc, [f"http://127.0.0.1:{port}/metrics"])
+        cmd = serve_command() + ["serve", "--port", str(port)] + model + common
     elif name == "cluster":
-        port = free_port(pair=True)
+        port = free_port_pair()
         rdir = Path(tempfile.mkdtemp(prefix="vqa-bench-cluster-"))
-        proc = subprocess.Popen([py, "-m", "vqa_async.cli", "cluster", "--workers", str(args.workers), "--port",
-                                 str(port), "--runtime-dir", str(rdir)] + model + common,
-                                stdout=log, stderr=subprocess.STDOUT)
-        sysm = System(name, f"http://127.0.0.1:{port}", proc, runtime_dir=rdir)
+        cmd = serve_command() + ["cluster", "--workers", str(args.workers), "--port", str(port), "--runtime-dir",
+                                 str(rdir)] + model + common
     else:
         raise ValueError(name)
+    log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    sysm = System(name, f"http://127.0.0.1:{port}", subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
     try:  # a system that does not come up is stopped here, not left behind
-        wait_ready(sysm.url, proc)
-        if sysm.runtime_dir is not None:
+        assert sysm.proc is not None
+        wait_ready(sysm.url, sysm.proc)
+        if rdir is not None:
             time.sleep(1.5)  # HAProxy's first health checks
-            state = json.loads((sysm.runtime_dir / "state.json").read_text())
-            sysm.metrics_urls = [f"http://127.0.0.1:{w['port']}/metrics" for w in state["workers"]]
+            sysm.state = json.loads((rdir / "state.json").read_text())
+            sysm.metrics_urls = [f"http://127.0.0.1:{w['port']}/metrics" for w in sysm.state["workers"]]
+        elif name == "serve":
+            sysm.metrics_urls = [sysm.url + "/metrics"]
     except BaseException:
         sysm.stop()
         raise
     return sysm
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus /metrics page as {"name{label=...}": value}; unlabelled series under their bare name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
+    return out
 
 
 def batch_totals(urls: list[str]) -> tuple[float, float, float]:
@@ -132,11 +127,10 @@ def batch_totals(urls: list[str]) -> tuple[float, float, float]:
     (a failure splits the batch, and out-of-memory also halves the batch cap: figures then read low)."""
     total = count = failed = 0.0
     for u in urls:
-        with urllib.request.urlopen(u, timeout=5) as r:
-            text = r.read().decode()
-        total += float(re.search(r"^vqa_batch_size_sum ([0-9.e+]+)$", text, re.M).group(1))  # type: ignore[union-attr]
-        count += float(re.search(r"^vqa_batch_size_count ([0-9.e+]+)$", text, re.M).group(1))  # type: ignore[union-attr]
-        failed += sum(float(v) for v in re.findall(r"^vqa_batch_failures_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
+        m = scrape(u)
+        total += m["vqa_batch_size_sum"]
+        count += m["vqa_batch_size_count"]
+        failed += sum(v for k, v in m.items() if k.startswith("vqa_batch_failures_total{"))
     return total, count, failed
 
 
@@ -167,14 +161,19 @@ class Ceiling:
         from vqa_async.model.preprocess import decode_image, image_transform
 
         settings = Settings(model=args.model, device=args.device, decoder=args.decoder,
-                            max_batch_size=args.max_batch_size or 0)
+                            max_batch_size=args.max_batch_size)
         self.max_batch_size = settings.max_batch_size
         self.loaded = load_model(args.model, device=settings.device)
         self.answerer = Answerer(self.loaded.model, self.loaded.tokenizer, self.loaded.device, self.loaded.dtype,
                                  decoder=args.decoder)
         tf = image_transform(self.loaded.image_res)
-        self.pairs = pairs
-        self.pixels = [tf(decode_image(img, 10**8)) for img, _ in pairs]
+        self.n = len(pairs)
+        by_image: dict[int, Any] = {}  # the request lists share one bytes object per image: decode it once
+        self.pixels = []
+        for img, _ in pairs:
+            if id(img) not in by_image:
+                by_image[id(img)] = tf(decode_image(img, 10**8))
+            self.pixels.append(by_image[id(img)])
         self.enc = self.loaded.tokenizer.encode([q for _, q in pairs])
 
     def _answer(self, s: int, n: int) -> None:
@@ -193,22 +192,31 @@ class Ceiling:
         answered = 0
         t0 = time.monotonic()
         # All the requests, and for at least CEILING_MIN_S: a one-second loop on this noisy box swung by 20%.
-        while answered < len(self.pairs) or time.monotonic() - t0 < CEILING_MIN_S:
+        while answered < self.n or time.monotonic() - t0 < CEILING_MIN_S:
             t1 = time.monotonic()
-            s = answered % len(self.pairs)
-            n = min(bs, len(self.pairs) - s)
+            s = answered % self.n
+            n = min(bs, self.n - s)
             self._answer(s, n)
             times.append((time.monotonic() - t1) * 1000)
             answered += n
         wall = time.monotonic() - t0
         times.sort()
-
-        def pct(p: float) -> float:
-            return round(times[min(len(times) - 1, int(p / 100 * len(times)))], 1)
-
         return {"system": "ceiling", "concurrency": c, "requests": answered, "failures": 0,
-                "answers_per_s": round(answered / wall, 2), "p50_ms": pct(50), "p95_ms": pct(95),
-                "p99_ms": pct(99), "mean_batch_size": float(bs)}
+                "answers_per_s": round(answered / wall, 2), "p50_ms": percentile(times, 50),
+                "p95_ms": percentile(times, 95), "p99_ms": percentile(times, 99), "mean_batch_size": float(bs)}
+
+
+Rows = dict[tuple[str, int], dict[str, Any]]
+
+
+def by_system(rows: list[dict]) -> Rows:
+    return {(r["system"], r["concurrency"]): r for r in rows}
+
+
+def ratio(by: Rows, num: str, den: str, c: int) -> float | None:
+    """answers/s of `num` over `den` at concurrency `c`, where the run has both."""
+    a, b = by.get((num, c)), by.get((den, c))
+    return a["answers_per_s"] / b["answers_per_s"] if a and b and b["answers_per_s"] else None
 
 
 def check_targets(rows: list[dict], device: str) -> list[str]:
@@ -217,7 +225,7 @@ def check_targets(rows: list[dict], device: str) -> list[str]:
     CPU (the demo model): serve >= 3x baseline and cluster >= 0.85x ceiling at concurrency 32. GPU (the large
     replica): >= 300 answers/s through HAProxy at concurrency 128 with P95 <= 1 s and no failures; idle latency
     (concurrency 1, P50) <= 60 ms."""
-    by = {(r["system"], r["concurrency"]): r for r in rows}
+    by = by_system(rows)
     out = []
 
     def line(ok: bool, text: str) -> None:
@@ -225,10 +233,9 @@ def check_targets(rows: list[dict], device: str) -> list[str]:
 
     if device == "cpu":
         for num, den, need in (("serve", "baseline", 3.0), ("cluster", "ceiling", 0.85)):
-            a, b = by.get((num, 32)), by.get((den, 32))
-            if a and b and b["answers_per_s"]:
-                ratio = a["answers_per_s"] / b["answers_per_s"]
-                line(ratio >= need, f"{num}/{den} at concurrency 32 is {ratio:.2f} (target >= {need})")
+            r = ratio(by, num, den, 32)
+            if r is not None:
+                line(r >= need, f"{num}/{den} at concurrency 32 is {r:.2f} (target >= {need})")
     else:
         top = by.get(("cluster", 128))
         if top:
@@ -247,7 +254,7 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     systems = list(dict.fromkeys(r["system"] for r in rows))
     levels = sorted({r["concurrency"] for r in rows})
-    by = {(r["system"], r["concurrency"]): r for r in rows}
+    by = by_system(rows)
     lines = [f"# vqa-async bench — {meta['date']}", "",
              f"model `{meta['model']}`, device {meta['device']}, decoder {meta['decoder']}, "
              f"{meta['requests']} requests per level, cluster workers {meta['workers']}, machine: {meta['machine']}",
@@ -269,11 +276,7 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
               "| --- | " + " | ".join("---:" for _ in levels) + " |"]
     for num, den in (("serve", "baseline"), ("cluster", "baseline"), ("cluster", "ceiling"), ("serve", "ceiling")):
         if num in systems and den in systems:
-            vals = []
-            for c in levels:
-                a, b = by.get((num, c)), by.get((den, c))
-                vals.append(f"{a['answers_per_s'] / b['answers_per_s']:.2f}" if a and b and b["answers_per_s"]
-                            else "–")
+            vals = [f"{r:.2f}" if (r := ratio(by, num, den, c)) is not None else "–" for c in levels]
             lines.append(f"| {num}/{den} | " + " | ".join(vals) + " |")
     targets = check_targets(rows, meta["device"])
     if targets:
@@ -336,6 +339,13 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: (stop_all(), sys.exit(143)))
 
+    def bring_up(name: str) -> System | Ceiling:
+        if name == "ceiling":
+            return Ceiling(args, pairs)
+        sysm = start(name, args, out)
+        running.append(sysm)
+        return sysm
+
     def measure(name: str, sysm: System | Ceiling, c: int) -> None:
         bar.set_postfix(system=name, concurrency=c)
         if isinstance(sysm, Ceiling):
@@ -348,9 +358,7 @@ def main() -> None:
         if args.one_at_a_time:  # for a host without the memory to hold every system at once
             for name in systems:
                 bar.set_postfix(system=name, status="starting")
-                sysm: System | Ceiling = Ceiling(args, pairs) if name == "ceiling" else start(name, args, out)
-                if isinstance(sysm, System):
-                    running.append(sysm)
+                sysm = bring_up(name)
                 for c in levels:
                     measure(name, sysm, c)
                 if isinstance(sysm, System):
@@ -361,11 +369,7 @@ def main() -> None:
             # systems compared at one concurrency are measured within a minute of each other, so the box's
             # slow drifts in speed fall on all of them alike.
             bar.set_postfix(status="starting")
-            up: dict[str, System | Ceiling] = {}
-            for name in systems:
-                up[name] = Ceiling(args, pairs) if name == "ceiling" else start(name, args, out)
-                if isinstance(up[name], System):
-                    running.append(up[name])  # type: ignore[arg-type]
+            up = {name: bring_up(name) for name in systems}
             for c in levels:
                 for name in systems:
                     measure(name, up[name], c)
@@ -378,11 +382,11 @@ def main() -> None:
             "machine": f"{os.cpu_count()} cores, {os.uname().machine}",
             "command": " ".join(["python", "bench/run.py"] + sys.argv[1:])}
     write_outputs(out, rows, meta)
-    by = {(r["system"], r["concurrency"]): r["answers_per_s"] for r in rows}
+    by = by_system(rows)
     for num, den in (("serve", "baseline"), ("cluster", "baseline"), ("cluster", "ceiling")):
         for c in levels:
-            if by.get((num, c)) and by.get((den, c)):
-                print(f"{num}/{den} at concurrency {c}: {by[(num, c)] / by[(den, c)]:.2f}")
+            if (r := ratio(by, num, den, c)) is not None:
+                print(f"{num}/{den} at concurrency {c}: {r:.2f}")
     for t in check_targets(rows, args.device):
         print("target " + t)
     print(f"wrote {out}/results.json, results.md, plot.png")

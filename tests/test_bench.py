@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from vqa_async.cluster.haproxy import find_haproxy
+
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"system", "concurrency", "answers_per_s", "p50_ms", "p95_ms", "p99_ms", "failures", "mean_batch_size"}
-needs_haproxy = pytest.mark.skipif(not Path("/usr/sbin/haproxy").exists(), reason="needs Debian's haproxy")
+needs_haproxy = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 
 
 def ours() -> set[int]:

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,12 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from vqa_async.cluster.supervisor import free_port
+from vqa_async.cluster.haproxy import RuntimeApi, find_haproxy
+from vqa_async.cluster.supervisor import free_port, free_port_pair
 from vqa_async.model.architecture import WEIGHTS_NAME
 from vqa_async.model.memory import file_pss
 from vqa_async.tools.loadgen import easy_vqa_requests, run_load
 
-pytestmark = pytest.mark.skipif(not Path("/usr/sbin/haproxy").exists(), reason="needs Debian's haproxy")
+pytestmark = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 
 
 @dataclass
@@ -42,26 +42,12 @@ class RunningCluster:
         return json.loads((self.runtime_dir / "state.json").read_text())
 
     def server_status(self, field: str = "status") -> dict[str, str]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port + 1}/stats;csv", timeout=5) as r:
-            rows = r.read().decode().lstrip("# ").splitlines()
-        header = rows[0].split(",")
-        out = {}
-        for line in rows[1:]:
-            row = dict(zip(header, line.split(",")))
-            if row.get("pxname") == "workers" and row["svname"] not in ("BACKEND",):
-                out[row["svname"]] = row[field]
-        return out
+        rows = asyncio.run(RuntimeApi(self.runtime_dir / "haproxy.sock").stats())
+        return {name: str(row[field]) for name, row in rows.items()}
 
 
 def start_cluster(tmp_path: Path, demo_dir: Path, *extra: str, workers: int = 2) -> RunningCluster:
-    port = free_port()
-    while True:  # the stats page takes port + 1
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            break
-        except OSError:
-            port = free_port()
+    port = free_port_pair()  # the stats page takes port + 1
     rdir = tmp_path / "rt"
     proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "cluster", "--workers", str(workers),
                              "--port", str(port), "--model", str(demo_dir), "--runtime-dir", str(rdir), *extra])
@@ -217,7 +203,7 @@ def test_a_relative_runtime_dir_gives_a_config_haproxy_accepts(tmp_path: Path, m
     asyncio.run(haproxy.check_config(cluster._render()))
 
 
-def test_workers_get_every_serve_setting(demo_dir: Path) -> None:
+def test_workers_get_every_serve_setting(demo_dir: Path, tmp_path: Path) -> None:
     # A flag given to `cluster` reaches every worker, not only the ones somebody remembered to list.
     from vqa_async.cli import build_parser
     from vqa_async.cluster.supervisor import Cluster, ClusterOptions, serve_command
@@ -225,7 +211,7 @@ def test_workers_get_every_serve_setting(demo_dir: Path) -> None:
 
     serve = Settings(model=str(demo_dir), device="cpu", max_question_chars=99, preprocess_threads=3,
                      loop="asyncio", log_level="DEBUG", max_wait_ms=7.5)
-    cluster = Cluster(ClusterOptions(workers=1, port=free_port(), runtime_dir=Path("/tmp/vqa-test-args")), serve)
+    cluster = Cluster(ClusterOptions(workers=1, port=free_port(), runtime_dir=tmp_path), serve)
     worker = cluster.workers[0]
     argv = cluster._worker_args(worker)
     args = build_parser().parse_args(argv[len(serve_command()):])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,6 @@ from vqa_async.model.preprocess import decode_image, image_transform
 
 QUESTIONS = ["what color is the shape?", "what is the shape?", "is there a red circle?",
              "does the image contain a triangle?", "is there a blue shape in the image?"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """These models are tiny: one thread is as fast, and far faster when other work holds the cores (OpenMP
-    threads that wait for a descheduled peer made some of these tests 100x slower on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _pixels(loaded: LoadedModel, paths: list[Path]) -> list[torch.Tensor]:

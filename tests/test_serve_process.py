@@ -7,29 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 
 from vqa_async.cluster.supervisor import free_port
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    import urllib.request
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("server not ready in time")
+from vqa_async.tools.loadgen import wait_ready
 
 
 def test_sigterm_answers_everything_queued_then_exits_0(demo_dir: Path, easy_vqa_images: list[Path]) -> None:

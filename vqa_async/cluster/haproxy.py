@@ -50,8 +50,12 @@ def render(servers: list[Server], *, host: str, port: int, stats_host: str, stat
         log=log, errors=EDGE_ERRORS)
 
 
+def find_haproxy() -> str | None:
+    return shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+
+
 def haproxy_binary() -> str:
-    found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    found = find_haproxy()
     if not found:
         raise FileNotFoundError("haproxy is not installed: apt-get install haproxy (the README's run command does)")
     return found

@@ -39,6 +39,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A free port whose next port is free too: the cluster's front, and its stats page at port + 1."""
+    while True:
+        port = free_port(host)
+        with contextlib.suppress(OSError), socket.socket() as s:
+            s.bind((host, port + 1))
+            return port
+
+
 def runtime_dir_for(port: int) -> Path:
     return Path(tempfile.gettempdir()) / f"vqa-async-cluster-{port}"
 

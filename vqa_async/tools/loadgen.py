@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
+import subprocess
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -28,18 +31,17 @@ class Result:
 
 
 def easy_vqa_requests(n: int) -> list[tuple[bytes, str]]:
-    import easy_vqa
+    """n (image bytes, question) pairs from easy-VQA's test split, cycling; one bytes object per image."""
+    from vqa_async.tools.evaluate import easy_vqa_test
 
-    questions, _, image_ids = easy_vqa.get_test_questions()
-    paths = easy_vqa.get_test_image_paths()
-    cache: dict[int, bytes] = {}
+    questions, _, paths = easy_vqa_test()
+    images: dict[str, bytes] = {}
     out = []
     for i in range(n):
-        j = i % len(questions)
-        img = image_ids[j]
-        if img not in cache:
-            cache[img] = Path(paths[img]).read_bytes()
-        out.append((cache[img], questions[j]))
+        path = paths[i % len(paths)]
+        if path not in images:
+            images[path] = Path(path).read_bytes()
+        out.append((images[path], questions[i % len(paths)]))
     return out
 
 
@@ -51,21 +53,21 @@ class Form:
     content_type: str
 
 
+async def _encode(pairs: list[tuple[bytes, str]]) -> list[Form]:
+    out = []
+    for image, question in pairs:
+        form = aiohttp.FormData()
+        form.add_field("image", image, filename="image.png", content_type="image/png")
+        form.add_field("question", question)
+        payload = form()
+        out.append(Form(await payload.as_bytes(), payload.content_type))
+    return out
+
+
 def encode_forms(pairs: list[tuple[bytes, str]]) -> list[Form]:
     """Each (image, question) as a multipart/form-data body, encoded once. Call it before the clock starts: the
     load generator should spend its CPU on sending, and encoding costs about 24 µs a request."""
-
-    async def encode() -> list[Form]:
-        out = []
-        for image, question in pairs:
-            form = aiohttp.FormData()
-            form.add_field("image", image, filename="image.png", content_type="image/png")
-            form.add_field("question", question)
-            payload = form()
-            out.append(Form(await payload.as_bytes(), payload.content_type))
-        return out
-
-    return uvloop.run(encode())
+    return uvloop.run(_encode(pairs))
 
 
 def load(url: str, requests: list[Form] | list[tuple[bytes, str]], concurrency: int, **kwargs: Any) -> list[Result]:
@@ -74,25 +76,19 @@ def load(url: str, requests: list[Form] | list[tuple[bytes, str]], concurrency: 
 
 
 async def run_load(url: str, requests: list[Form] | list[tuple[bytes, str]], concurrency: int,
-                   timeout_s: float = 60.0, stop_after_s: float | None = None) -> list[Result]:
+                   timeout_s: float = 60.0) -> list[Result]:
     """Sends `requests` (encoded Forms, or (image, question) pairs, encoded here) from `concurrency` clients."""
-    forms = [r for r in requests if isinstance(r, Form)]
-    pairs = [r for r in requests if not isinstance(r, Form)]
-    if pairs:
-        forms = await asyncio.get_running_loop().run_in_executor(None, encode_forms, pairs)
+    if requests and not isinstance(requests[0], Form):
+        forms = await _encode(cast(list[tuple[bytes, str]], requests))
+    else:
+        forms = cast(list[Form], requests)
     results: list[Result] = []
-    queue: asyncio.Queue[Form] = asyncio.Queue()
-    for f in forms:
-        queue.put_nowait(f)
-    started = time.monotonic()
+    todo = iter(forms)  # the clients share it: each takes the next request when its last one is answered
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
 
         async def client() -> None:
-            while not queue.empty():
-                if stop_after_s is not None and time.monotonic() - started > stop_after_s:
-                    return
-                form = queue.get_nowait()
+            for form in todo:
                 t0 = time.monotonic()
                 try:
                     async with s.post(url, data=form.body, headers={"Content-Type": form.content_type}) as r:
@@ -111,12 +107,30 @@ async def run_load(url: str, requests: list[Form] | list[tuple[bytes, str]], con
     return results
 
 
+def percentile(sorted_ms: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank below) of an ascending list, rounded to 0.1."""
+    return round(sorted_ms[min(len(sorted_ms) - 1, int(p / 100 * len(sorted_ms)))], 1)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    """Polls `url`/readyz until it answers 200; raises if `proc` exits first or `timeout` passes."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+            if r.status == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready within {timeout:.0f} s")
+
+
 def summarize(results: list[Result], wall_s: float) -> dict[str, float | int]:
     ok = [r for r in results if r.status == 200]
     lat = sorted(r.latency_s * 1000 for r in ok) or [0.0]
 
     def pct(p: float) -> float:
-        return round(lat[min(len(lat) - 1, int(p / 100 * len(lat)))], 1)
+        return percentile(lat, p)
 
     sizes = [r.batch_size for r in ok if r.batch_size]
     return {"requests": len(results), "failures": len(results) - len(ok), "answers_per_s": round(len(ok) / wall_s, 2),
