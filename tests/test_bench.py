@@ -28,7 +28,8 @@ def ours() -> set[int]:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if any(k in cmd for k in (b"vqa_async.cli serve", b"vqa-async serve", b"bench/baseline.py", b"haproxy -db")):
+        # Workers run as `.../vqa-async --log-level INFO serve ...`: match the subcommand, not a fixed prefix.
+        if b"bench/baseline.py" in cmd or b"haproxy -db" in cmd or (b"vqa" in cmd and b" serve " in cmd):
             pids.add(int(d.name))
     return pids
 
