@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -13,21 +14,26 @@ from typing import Any
 
 import jinja2
 
+from vqa_async.http.errors import error_body
+
 log = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "haproxy"
+# HAProxy's own errors: (status, code, message, Retry-After seconds or None), in the API's JSON shape.
 EDGE_ERRORS = [
-    (400, "bad_request", "the request is malformed"),
-    (408, "request_timeout", "the request did not arrive in time"),
-    (413, "body_too_large", "the request body is larger than allowed"),
-    (502, "bad_gateway", "a worker answered with something that is not HTTP"),
-    (503, "overloaded", "no worker could take the request in time; retry shortly"),
-    (504, "timeout", "no worker answered in time"),
+    (400, "bad_request", "the request is malformed", None),
+    (408, "request_timeout", "the request did not arrive in time", None),
+    (413, "body_too_large", "the request body is larger than allowed", None),
+    (502, "bad_gateway", "a worker answered with something that is not HTTP", None),
+    (503, "overloaded", "no worker could take the request in time; retry shortly", 1),
+    (504, "timeout", "no worker answered in time", None),
 ]
 # Uploads up to this size are held whole by HAProxy and so survive a dying worker (see the template). The buffer
 # costs CPU in proportion to its size on every request: on the 2-core test box HAProxy took 0.19 ms per request
 # with 1 MiB and 0.07 ms with 128 KiB (bench/breakdown.py). `cluster --retry-body-kb` sets it.
 RETRYABLE_BODY_BYTES = 1 << 20
+MAXREWRITE = 8192  # buffer room HAProxy keeps for rewriting headers
+HEADERS_ROOM = 16384  # the request's own headers, beside the body
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,11 @@ def render(servers: list[Server], *, host: str, port: int, stats_host: str, stat
         servers=servers, host=host, port=port, stats_host=stats_host, stats_port=stats_port,
         admin_socket=admin_socket, max_body_bytes=max_body_bytes, server_maxconn=server_maxconn,
         queue_timeout_s=queue_timeout_s, server_timeout_s=server_timeout_s, client_timeout_s=client_timeout_s,
-        check_interval_ms=check_interval_ms, maxconn=maxconn, bufsize=retry_body_bytes + 8192 + 16384,
-        log=log, errors=EDGE_ERRORS)
+        check_interval_ms=check_interval_ms, maxconn=maxconn, maxrewrite=MAXREWRITE,
+        bufsize=retry_body_bytes + MAXREWRITE + HEADERS_ROOM,
+        log=log,
+        errors=[(status, json.dumps(error_body(code, message), separators=(",", ":")), retry_after)
+                for status, code, message, retry_after in EDGE_ERRORS])
 
 
 def find_haproxy() -> str | None:
