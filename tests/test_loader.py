@@ -101,6 +101,29 @@ def test_cli_reports_a_bad_model_in_one_line(tmp_path: Path) -> None:
     assert "vqa-async eval: error: model directory" in out.stderr
 
 
+def test_a_config_that_builds_python_objects_runs_nothing(demo_dir: Path, tmp_path: Path) -> None:
+    """ModelScope reads config.yaml with the unsafe loader: a tag there ran a shell command in `eval` and `serve`."""
+    d = tmp_path / "m"
+    shutil.copytree(demo_dir, d)
+    marker = tmp_path / "pwned"
+    with (d / "config.yaml").open("a") as f:
+        f.write(f'payload: !!python/object/apply:os.system ["touch {marker}"]\n')
+    out = subprocess.run([sys.executable, "-m", "vqa_async.cli", "eval", "--model", str(d), "--limit", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert not marker.exists()
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert str(d / "config.yaml") in out.stderr and "not plain YAML" in out.stderr
+
+
+def test_config_yaml_must_be_a_mapping(demo_dir: Path, tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(demo_dir, d)
+    (d / "config.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ModelLoadError, match="config.yaml must be a mapping"):
+        load_model(d)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_loads_fp16_by_default(demo_dir: Path) -> None:
     loaded = load_model(demo_dir, device="cuda")

@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 import torch
+import yaml
 from modelscope.models.multi_modal.mplug import MPlugConfig
 from modelscope.models.multi_modal.mplug.clip.clip import VisualTransformer
 from modelscope.models.multi_modal.mplug.modeling_mplug import CONFIG_NAME, MPlugForVisualQuestionAnswering
@@ -83,8 +84,20 @@ class ServingMPlugVQA(MPlugForVisualQuestionAnswering):
 
 
 def read_config(model_dir: str | os.PathLike[str]) -> MPlugConfig:
-    """ModelScope's own config schema: `config.yaml` next to `config_bert.json` and `vocab.txt`."""
-    config = MPlugConfig.from_yaml_file(os.path.join(model_dir, CONFIG_NAME))
+    """ModelScope's own config schema: `config.yaml` next to `config_bert.json` and `vocab.txt`.
+
+    Read with `yaml.safe_load`, not ModelScope's `MPlugConfig.from_yaml_file`: that one uses the unsafe loader,
+    so a `!!python/object/apply` tag in a model directory would run code in the server."""
+    path = os.path.join(model_dir, CONFIG_NAME)
+    with open(path, encoding="utf-8") as f:
+        try:
+            values = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not plain YAML (tags that build Python objects are refused): "
+                             f"{str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        raise ValueError(f"{path} must be a mapping of setting names to values")
+    config = MPlugConfig(**values)
     config.model_dir = str(model_dir)
     return config
 
