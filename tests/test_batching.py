@@ -197,3 +197,105 @@ def test_cache_is_bounded_by_entries_and_bytes() -> None:
     for i in range(4):
         c2.put(str(i), torch.zeros(100))
     assert len(c2) == 2 and c2.bytes <= 800
+
+
+def test_cache_shrinks_to_a_share_of_its_bytes() -> None:
+    c = ImageEmbeddingCache(max_entries=10, max_bytes=10 * 400)
+    for i in range(8):
+        c.put(str(i), torch.zeros(100))
+    c.shrink(0.5)
+    assert len(c) == 4 and c.bytes == 4 * 400 and c.get("0") is None and c.get("7") is not None
+
+
+async def test_a_request_larger_than_the_lowered_cap_is_answered_in_slices() -> None:
+    """After out-of-memory lowered the cap, one request with more questions than the cap used to fail every
+    time; it is now answered in slices the device can hold."""
+    loop = asyncio.get_running_loop()
+    ans = EchoAnswerer(oom_above=2)
+    ex = executor_with(ans, max_batch=8)
+    big = make_item(loop, 8, token=1007)
+    await ex.run(loop, [big])
+    assert [a.text for a in big.future.result()] == ["1007"] * 8
+    assert ans.calls == [8, 4, 2, 2, 2, 2]  # halved until the slices fit
+    assert ex.failures_in_a_row == 0
+    ex.shutdown()
+
+
+async def test_out_of_memory_on_one_question_fails_that_request_without_looping() -> None:
+    loop = asyncio.get_running_loop()
+    ans = EchoAnswerer(oom_above=0)
+    ex = executor_with(ans, max_batch=8)
+    item = make_item(loop, 4)
+    await ex.run(loop, [item])
+    with pytest.raises(ItemFailed):
+        item.future.result()
+    assert len(ans.calls) <= 5  # 4 questions, then slices of 2 and 1: no endless retry
+    ex.shutdown()
+
+
+class HoardingAnswerer(EchoAnswerer):
+    """Runs out of memory while holding a tensor, as a real model call does; checks on every call that the
+    tensors of earlier failed calls are gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import weakref
+
+        self.held: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_retry: list[int] = []
+        self._ref = weakref.ref
+
+    def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions) -> list[Answered]:
+        self.alive_at_retry.append(sum(r() is not None for r in self.held))
+        activations = torch.zeros(1000, 1000)
+        self.held.append(self._ref(activations))
+        if q.input_ids.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return super().answer_embedded(embeds, q)
+
+
+async def test_out_of_memory_retries_after_the_failed_call_is_freed() -> None:
+    """The split-and-retry used to run inside the `except` block: the traceback kept the failed call's frames,
+    and so its tensors, alive while the smaller batches ran."""
+    loop = asyncio.get_running_loop()
+    ans = HoardingAnswerer()
+    ex = executor_with(ans, max_batch=8)
+    items = [make_item(loop, token=1000 + i) for i in range(4)]
+    await ex.run(loop, items)
+    assert all(it.future.result()[0].text == str(1000 + i) for i, it in enumerate(items))
+    assert len(ans.alive_at_retry) > 1 and set(ans.alive_at_retry) == {0}
+    ex.shutdown()
+
+
+async def test_a_retry_skips_requests_whose_deadline_passed_meanwhile() -> None:
+    loop = asyncio.get_running_loop()
+
+    class SlowFailing(EchoAnswerer):
+        def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions) -> list[Answered]:
+            time.sleep(0.3)
+            return super().answer_embedded(embeds, q)
+
+    ans = SlowFailing(fail_token=1666)
+    ex = executor_with(ans)
+    short = make_item(loop, token=1001, deadline_in=0.15)
+    bad = make_item(loop, token=1666)
+    await ex.run(loop, [short, bad])
+    with pytest.raises(TimeoutError):
+        short.future.result()
+    with pytest.raises(ItemFailed):
+        bad.future.result()
+    assert ans.calls == [2, 1]  # the failed pair, then `bad` alone; `short` was not run again
+    ex.shutdown()
+
+
+async def test_failures_in_a_row_make_it_sick_and_a_success_heals() -> None:
+    loop = asyncio.get_running_loop()
+    ans = EchoAnswerer(fail_token=1666)
+    ex = ModelExecutor(Metrics(), 8, ImageEmbeddingCache(16, 2**20), sick_after_failures=3)
+    ex.answerer = ans  # type: ignore[assignment]
+    for _ in range(3):
+        await ex.run(loop, [make_item(loop, token=1666)])
+    assert ex.sick
+    await ex.run(loop, [make_item(loop, token=1001)])
+    assert not ex.sick
+    ex.shutdown()

@@ -41,6 +41,13 @@ class ImageEmbeddingCache:
             _, evicted = self._items.popitem(last=False)
             self.bytes -= evicted.numel() * evicted.element_size()
 
+    def shrink(self, keep: float) -> None:
+        """Drops the least recently used entries until at most `keep` of the bytes remain."""
+        target = self.bytes * keep
+        while self._items and self.bytes > target:
+            _, evicted = self._items.popitem(last=False)
+            self.bytes -= evicted.numel() * evicted.element_size()
+
     def clear(self) -> None:
         self._items.clear()
         self.bytes = 0

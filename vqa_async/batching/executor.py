@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,15 +44,20 @@ def is_oom(e: BaseException) -> bool:
 
 
 class ModelExecutor:
-    def __init__(self, metrics: Metrics, max_batch_size: int, cache: ImageEmbeddingCache) -> None:
+    def __init__(self, metrics: Metrics, max_batch_size: int, cache: ImageEmbeddingCache,
+                 sick_after_failures: int = 5) -> None:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.cache = cache
+        self.sick_after_failures = sick_after_failures
         self.answerer: Answerer | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vqa-model")
         self._thread: threading.Thread | None = None
         self._cap = max_batch_size
         self._cap_until = 0.0
+        # Health, written by the model thread and read by the event loop (single assignments: no lock needed).
+        self.failures_in_a_row = 0  # requests that failed in the model on their own, since the last success
+        self.busy_since: float | None = None  # time.monotonic() when the running model call started
         metrics.batch_cap.set(max_batch_size)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
@@ -69,6 +75,26 @@ class ModelExecutor:
     def alive(self) -> bool:
         return self.answerer is not None and self._thread is not None and self._thread.is_alive()
 
+    def busy_for(self, now: float) -> float:
+        """How long the model call now running has run (0 when idle): a hung call grows without bound."""
+        since = self.busy_since
+        return 0.0 if since is None else now - since
+
+    @property
+    def sick(self) -> bool:
+        """Every recent request failed in the model (a lasting CUDA error, say): stop taking work."""
+        return self.failures_in_a_row >= self.sick_after_failures
+
+    def probe(self, pixels: torch.Tensor, questions: EncodedQuestions) -> None:
+        """Runs on the model thread: one canned question through the whole model. Success clears `sick`."""
+        assert self.answerer is not None, "model not loaded"
+        self.busy_since = time.monotonic()
+        try:
+            self.answerer.answer_embedded(self.answerer.encode_images(pixels[None]), questions)
+        finally:
+            self.busy_since = None
+        self.failures_in_a_row = 0
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -85,9 +111,17 @@ class ModelExecutor:
         await self.call(self._run_batch, loop, batch)
 
     def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem]) -> None:
+        self.busy_since = time.monotonic()
+        try:
+            self._run_or_split(loop, batch)
+        finally:
+            self.busy_since = None
+
+    def _wanted(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> list[WorkItem]:
+        """The items someone still waits for; checked before every model call, retries included."""
         now = time.monotonic()
         live = []
-        for item in batch:
+        for item in items:
             reason = item.is_dead(now)
             if reason is None:
                 live.append(item)
@@ -95,35 +129,55 @@ class ModelExecutor:
             self.metrics.dropped.labels(reason).inc()
             if reason == "deadline":
                 loop.call_soon_threadsafe(_settle, item.future, None, TimeoutError("deadline passed in the queue"))
-        if live:
-            self._run_or_split(loop, live)
+        return live
 
     def _run_or_split(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> None:
+        items = self._wanted(loop, items)
+        if not items:
+            return
+        failure: BaseException | None = None
+        slice_size = self._cap  # the most questions `_answer` gives the model in one call
         try:
             results = self._answer(items)
         except Exception as e:  # noqa: BLE001 - any failure: find who causes it, serve the others
-            kind = "oom" if is_oom(e) else "error"
-            self.metrics.batch_failures.labels(kind).inc()
-            if kind == "oom":
-                self._lower_cap(sum(i.size for i in items))
-            if len(items) > 1:
-                log.warning("a batch of %d requests failed (%s: %s); splitting it", len(items), type(e).__name__, e)
-                half = len(items) // 2
-                self._run_or_split(loop, items[:half])
-                self._run_or_split(loop, items[half:])
-                return
-            error_id = uuid.uuid4().hex[:12]
-            log.error("request failed in the model [error id %s]", error_id, exc_info=e)
-            loop.call_soon_threadsafe(_settle, items[0].future, None, ItemFailed(error_id))
+            failure = e
+        if failure is None:
+            self.failures_in_a_row = 0
+            # One wake-up of the event loop for the whole batch, not one per request.
+            loop.call_soon_threadsafe(_settle_all, [(item.future, answers) for item, answers in
+                                                    zip(items, results, strict=True)])
             return
-        # One wake-up of the event loop for the whole batch, not one per request.
-        loop.call_soon_threadsafe(_settle_all, [(item.future, answers) for item, answers in
-                                                zip(items, results, strict=True)])
+        # Out of the `except` block, and the traceback dropped: its frames hold the failed call's tensors, which
+        # must be freed before the retry (on out-of-memory, above all).
+        kind = "oom" if is_oom(failure) else "error"
+        summary = f"{type(failure).__name__}: {failure}"
+        trace = "".join(traceback.format_exception(failure)) if len(items) == 1 else ""
+        failure.__traceback__ = None
+        del failure
+        self.metrics.batch_failures.labels(kind).inc()
+        if kind == "oom":
+            self._lower_cap(sum(i.size for i in items))
+        if len(items) > 1:
+            log.warning("a batch of %d requests failed (%s); splitting it", len(items), summary)
+            half = len(items) // 2
+            self._run_or_split(loop, items[:half])
+            self._run_or_split(loop, items[half:])
+            return
+        if kind == "oom" and min(items[0].size, slice_size) > self._cap:  # answered in smaller slices now
+            log.warning("a request of %d questions ran out of memory; retrying in slices of %d", items[0].size,
+                        self._cap)
+            self._run_or_split(loop, items)
+            return
+        self.failures_in_a_row += 1
+        error_id = uuid.uuid4().hex[:12]
+        log.error("request failed in the model [error id %s]\n%s", error_id, trace.rstrip())
+        loop.call_soon_threadsafe(_settle, items[0].future, None, ItemFailed(error_id))
 
     def _lower_cap(self, size: int) -> None:
         self._cap = max(1, min(self._cap, size) // 2)
         self._cap_until = time.monotonic() + OOM_COOLDOWN_S
         self.metrics.batch_cap.set(self._cap)
+        self.cache.shrink(0.5)  # the cached embeddings share the device's memory with the model's activations
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         log.warning("out of memory: batch cap lowered to %d for %.0fs", self._cap, OOM_COOLDOWN_S)
@@ -160,7 +214,13 @@ class ModelExecutor:
         questions = EncodedQuestions(torch.cat([i.input_ids for i in items]),
                                      torch.cat([i.attention_mask for i in items]))
         with self.metrics.stage("decoder"):
-            answers = self.answerer.answer_embedded(torch.stack(rows), questions)
+            stacked = torch.stack(rows)
+            # A request may hold more questions than the cap that out-of-memory left: answer it in slices.
+            step = max(1, self._cap)
+            answers = []
+            for at in range(0, len(rows), step):
+                answers += self.answerer.answer_embedded(stacked[at:at + step], EncodedQuestions(
+                    questions.input_ids[at:at + step], questions.attention_mask[at:at + step]))
         n = sum(i.size for i in items)
         if len(answers) != n:  # every future is answered, with the answer that is its own
             raise RuntimeError(f"the model returned {len(answers)} answers for {n} questions")
