@@ -17,27 +17,26 @@ def _setup_logging(level: str = "INFO") -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
+    import asyncio
 
     from vqa_async.app import init_app
     from vqa_async.config import settings_from_args
+    from vqa_async.http import server
 
     settings = settings_from_args(args)
     app = init_app(settings)
-    loop = None
     if settings.loop == "uvloop":
         import uvloop
 
-        loop = uvloop.new_event_loop()
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     where = f"unix:{settings.unix_socket}" if settings.unix_socket else f"http://{settings.host}:{settings.port}"
     log.info("serving on %s", where)
     # SIGTERM/SIGINT: stop accepting, let the handlers in flight (and so everything queued) finish, then the
     # cleanup_ctx stops the batcher and the model thread. A client that disconnects cancels its handler, so
     # its work is skipped before it reaches the model.
-    web.run_app(app, host=None if settings.unix_socket else settings.host,
-                port=None if settings.unix_socket else settings.port, path=settings.unix_socket,
-                shutdown_timeout=settings.shutdown_timeout_s, handler_cancellation=True, print=None,
-                access_log=None, loop=loop)
+    server.run(app, settings, loop)
     log.info("stopped")
     return 0
 

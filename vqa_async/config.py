@@ -39,11 +39,25 @@ class Settings:
     max_pixels: int = field(default=40_000_000, metadata={"help": "largest image, in pixels (decompression bombs)"})
     max_questions: int = field(default=16, metadata={"help": "questions per request"})
     max_question_chars: int = field(default=512, metadata={"help": "longest question, in characters"})
+    max_form_parts: int = field(default=64, metadata={
+        "help": "parts of a multipart upload (400 too_many_parts above; nothing past the bound is read)"})
+    body_timeout_s: float = field(default=30.0, metadata={
+        "help": "the whole request body must arrive within this (408 request_timeout after)"})
+    max_connections: int = field(default=1024, metadata={
+        "help": "open client connections of one serve process; more are answered 503 and closed"})
+    stuck_timeout_s: float = field(default=60.0, metadata={
+        "help": "a model call running longer than this makes /healthz and /readyz fail (a hung model thread)"})
+    sick_after_failures: int = field(default=5, metadata={
+        "help": "requests failing in the model in a row before /readyz fails; a probe brings it back"})
     decoder: str = field(default="fast", metadata={
         "help": "fast (cached keys/values, same answers) or reference (ModelScope's own beam search)"})
     image_cache_entries: int = field(default=512, metadata={"help": "image embeddings kept for follow-up questions"})
     image_cache_mb: float = field(default=256.0, metadata={"help": "memory bound of that cache"})
-    preprocess_threads: int = field(default=2, metadata={"help": "threads decoding and resizing images"})
+    preprocess_threads: int = field(default=0, metadata={
+        "help": "threads decoding and resizing images (0: one per core, at most 8)"})
+    max_preprocess_backlog: int = field(default=0, metadata={
+        "help": "uploads accepted for decoding at once, running or waiting (0: 64 per preprocessing thread, at "
+                "most max_queue); more is a fast 503, before any CPU is spent on them"})
     torch_threads: int = field(default=0, metadata={"help": "intra-op threads of the model (0: torch's default)"})
     shutdown_timeout_s: float = field(default=30.0, metadata={"help": "how long SIGTERM waits for queued work"})
     loop: str = field(default="uvloop", metadata={"help": "event loop: uvloop or asyncio"})
@@ -60,6 +74,10 @@ class Settings:
             object.__setattr__(self, "max_batch_size", 64 if on_cuda else 16)
         if self.max_wait_ms < 0:
             object.__setattr__(self, "max_wait_ms", 2.0 if on_cuda else 5.0)
+        if self.preprocess_threads == 0:
+            object.__setattr__(self, "preprocess_threads", min(8, os.cpu_count() or 1))
+        if self.max_preprocess_backlog == 0:
+            object.__setattr__(self, "max_preprocess_backlog", min(self.max_queue, 64 * self.preprocess_threads))
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise bad("device", "expected cpu, cuda, cuda:N or auto")
         if self.dtype not in ("auto", "float16", "fp16", "bfloat16", "bf16", "float32", "fp32"):
@@ -74,10 +92,13 @@ class Settings:
         if not 0 < self.port < 65536:
             raise bad("port", "expected 1..65535")
         for name in ("max_batch_size", "max_queue", "max_pixels", "max_questions", "max_question_chars",
-                     "preprocess_threads"):
+                     "preprocess_threads", "max_preprocess_backlog", "max_connections", "sick_after_failures"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
-        for name in ("timeout_s", "max_body_mb"):
+        if self.max_form_parts <= self.max_questions:
+            raise bad("max_form_parts", f"must be more than max_questions ({self.max_questions}): the image and "
+                      "every question are parts")
+        for name in ("timeout_s", "max_body_mb", "body_timeout_s", "stuck_timeout_s"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
         for name in ("image_cache_entries", "image_cache_mb", "torch_threads", "shutdown_timeout_s"):

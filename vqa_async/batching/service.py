@@ -30,6 +30,18 @@ from vqa_async.model.preprocess import decode_image, image_pixels
 log = logging.getLogger(__name__)
 
 
+PROBE_INTERVAL_S = 2.0
+
+
+def _log_probe(fut: asyncio.Future[None]) -> None:
+    if fut.cancelled():
+        return
+    if fut.exception() is not None:
+        log.warning("health probe failed: %s", fut.exception())
+    else:
+        log.info("health probe answered: the model is back in service")
+
+
 class Overloaded(Exception):
     """The queue is full: answer 503 at once so that the balancer can try another process."""
 
@@ -61,13 +73,15 @@ class VqaService:
         self.loaded: LoadedModel | None = None
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue(maxsize=settings.max_queue)
         self.cache = ImageEmbeddingCache(settings.image_cache_entries, int(settings.image_cache_mb * 2**20))
-        self.executor = ModelExecutor(metrics, settings.max_batch_size, self.cache)
+        self.executor = ModelExecutor(metrics, settings.max_batch_size, self.cache, settings.sick_after_failures)
         self._incoming = 0  # accepted requests still being preprocessed: the collector waits for them
         self.collector = BatchCollector(self.queue, settings.max_batch_size, settings.max_wait_ms / 1000,
                                         incoming=lambda: self._incoming)
         self._prep_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vqa-preprocess")
         self._batcher: asyncio.Task[None] | None = None
         self._transform: Callable[[Image.Image], torch.Tensor] | None = None
+        self._probe: asyncio.Future[None] | None = None
+        self._probe_at = 0.0
 
     @property
     def model_name(self) -> str:
@@ -107,8 +121,44 @@ class VqaService:
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
         self.executor.shutdown()
 
+    # -- health -----------------------------------------------------------------------------------------------
+    def liveness_problem(self) -> str | None:
+        """Why this process can no longer answer and needs a restart (/healthz); None while it can."""
+        if self._batcher is not None and self._batcher.done():
+            return "the batcher task has stopped"
+        if self.loaded is not None and not self.executor.alive():
+            return "the model thread has stopped"
+        busy = self.executor.busy_for(time.monotonic())
+        if busy > self.settings.stuck_timeout_s:
+            return f"a model call has been running for {busy:.0f} s (stuck past {self.settings.stuck_timeout_s:g} s)"
+        return None
+
+    def readiness_problem(self) -> str | None:
+        """Why this process should get no traffic now (/readyz, and a 503 that HAProxy retries elsewhere)."""
+        if self.loaded is None or self._batcher is None:
+            return "the model is not loaded"
+        if problem := self.liveness_problem():
+            return problem
+        if self.executor.sick:
+            self._start_probe()
+            return f"the last {self.executor.failures_in_a_row} requests failed in the model"
+        return None
+
     def ready(self) -> bool:
-        return self.executor.alive() and self._batcher is not None and not self._batcher.done()
+        return self.readiness_problem() is None
+
+    def _start_probe(self) -> None:
+        """While sick, one canned question every PROBE_INTERVAL_S: a success puts the process back in service."""
+        now = time.monotonic()
+        if (self._probe is not None and not self._probe.done()) or now - self._probe_at < PROBE_INTERVAL_S:
+            return
+        assert self.loaded is not None
+        self._probe_at = now
+        res = self.loaded.image_res
+        pixels = torch.zeros(3, res, res, dtype=torch.uint8)
+        questions = self.loaded.tokenizer.encode(["what is in the picture?"])
+        self._probe = asyncio.ensure_future(self.executor.call(self.executor.probe, pixels, questions))
+        self._probe.add_done_callback(_log_probe)
 
     async def _run_batches(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,9 +177,12 @@ class VqaService:
     async def ask(self, image: bytes, questions: list[str]) -> Outcome:
         """Raises ImageError (bad upload), Overloaded, NotReady, TimeoutError, or ItemFailed."""
         arrived = time.monotonic()
-        if not self.ready():
-            raise NotReady("the model is not loaded")
-        if self.queue.full():
+        if problem := self.readiness_problem():
+            raise NotReady(problem)
+        # Admission counts the uploads still being decoded, so that under overload no CPU goes into decoding
+        # what would then be refused.
+        if (self._incoming >= self.settings.max_preprocess_backlog
+                or self._incoming + self.collector.pending() >= self.settings.max_queue):
             self.metrics.dropped.labels("overloaded").inc()
             raise Overloaded("the queue is full")
         loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vqa_async.batching.executor import ItemFailed
 from vqa_async.batching.service import NotReady, Outcome, Overloaded
-from vqa_async.http.errors import ApiError, Handler, json_response
+from vqa_async.http.errors import ApiError, Handler, error_body, json_response
 from vqa_async.http.keys import METRICS, SERVICE, SETTINGS
 from vqa_async.http.openapi import openapi_spec
 from vqa_async.http.parse import VqaInput, read_vqa_input
@@ -53,15 +53,19 @@ async def vqa_legacy(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 503 when only a restart helps (a hung model call, a dead model thread or batcher)."""
+    if problem := request.app[SERVICE].liveness_problem():
+        return json_response(error_body("not_alive", problem), 503)
     return json_response({"status": "alive"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 503 while loading, when not alive, or while the model fails every request (sick)."""
     service = request.app[SERVICE]
-    if service.ready():
-        return json_response({"status": "ready", "model": service.model_name,
-                              "queue_depth": service.collector.pending()})
-    return json_response({"error": {"code": "not_ready", "message": "the model is not loaded"}}, 503)
+    if problem := service.readiness_problem():
+        return json_response(error_body("not_ready", problem), 503)
+    return json_response({"status": "ready", "model": service.model_name,
+                          "queue_depth": service.collector.pending()})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -11,7 +11,7 @@ ERROR_CODES = ["missing_image", "missing_question", "empty_image", "invalid_imag
                "image_too_large", "body_too_large", "empty_question", "question_too_long", "too_many_questions",
                "invalid_json", "invalid_base64", "invalid_field", "invalid_multipart", "invalid_utf8",
                "unsupported_media_type", "overloaded", "not_ready", "timeout", "model_error", "internal_error",
-               "not_found", "method_not_allowed"]
+               "not_found", "method_not_allowed", "too_many_parts", "request_timeout", "not_alive"]
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -20,7 +20,9 @@ def _error(description: str) -> dict[str, Any]:
 
 
 def openapi_spec(settings: Settings) -> dict[str, Any]:
-    errors = {"400": _error("bad input (see error.code)"), "413": _error("body or image too large"),
+    errors = {"400": _error("bad input (see error.code)"),
+              "408": _error(f"the body did not arrive within {settings.body_timeout_s:g} s"),
+              "413": _error("body or image too large"),
               "415": _error("wrong content type"), "500": _error("the model failed on this request"),
               "503": _error("overloaded or not ready; retry after Retry-After seconds"),
               "504": _error(f"no answer within {settings.timeout_s:g} s")}
@@ -54,8 +56,10 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
             "/": {"get": {"summary": "The upload page", "responses": {"200": {"description": "HTML"}}},
                   "post": {"summary": "The upload page's form post (works without JavaScript)",
                            "responses": {"200": {"description": "HTML with the answer"}}}},
-            "/healthz": {"get": {"summary": "Process alive", "responses": {"200": {"description": "alive"}}}},
-            "/readyz": {"get": {"summary": "Model loaded and executor alive",
+            "/healthz": {"get": {"summary": "Process alive: not stuck in a model call, model thread and batcher "
+                                            "running", "responses": {"200": {"description": "alive"},
+                                                                     "503": _error("needs a restart")}}},
+            "/readyz": {"get": {"summary": "Model loaded, process alive, and the model not failing every request",
                                 "responses": {"200": {"description": "ready"}, "503": _error("not ready")}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "JSON"}}}},

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -32,11 +33,19 @@ async def read_vqa_input(request: web.Request, settings: Settings) -> VqaInput:
                   f"{settings.max_body_bytes} (--max-body-mb {settings.max_body_mb:g})", 413)
     ctype = media_type(request)
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        return await _from_multipart(request, settings)
-    if ctype == "application/json":
-        return await _from_json(request, settings)
-    raise bad("unsupported_media_type", f"send multipart/form-data or application/json, not {ctype or 'nothing'}",
-              415)
+        read = _from_multipart
+    elif ctype == "application/json":
+        read = _from_json
+    else:
+        raise bad("unsupported_media_type",
+                  f"send multipart/form-data or application/json, not {ctype or 'nothing'}", 415)
+    # A client that trickles its body would hold a connection and a handler for as long as it likes.
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            return await read(request, settings)
+    except TimeoutError:
+        raise bad("request_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s",
+                  408) from None
 
 
 def media_type(request: web.Request) -> str:
@@ -52,12 +61,17 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
     # Read the parts ourselves, in memory and bounded: no spooled temporary files to leak on a bad request.
     image: bytes | None = None
     questions: list[bytes] = []
-    total = 0
+    total = parts = 0
     try:
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise bad("invalid_multipart", "nested multipart bodies are not accepted")
+            # Each part costs event-loop time: without a bound, 160,000 tiny parts held a worker for 20 s.
+            parts += 1
+            if parts > settings.max_form_parts:
+                raise bad("too_many_parts", f"the form has more than {settings.max_form_parts} parts; send one "
+                          f"'image' and at most {settings.max_questions} 'question' fields")
             data = await part.read()
             total += len(data)
             if total > settings.max_body_bytes:

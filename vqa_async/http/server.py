@@ -1,0 +1,104 @@
+"""Running the app: aiohttp's runner with a cap on open connections, and its graceful stop.
+
+`web.run_app` has no connection limit: each idle or trickling connection of a plain `serve` costs a socket and a
+handler. Past `--max-connections`, a new connection is answered 503 `overloaded` at once and closed, before its
+request is read (behind the cluster's HAProxy that is a retryable 503). SIGTERM/SIGINT: stop accepting, let the
+handlers in flight finish (up to `--shutdown-timeout-s`), then the app's cleanup_ctx stops the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from vqa_async.config import Settings
+from vqa_async.http.errors import error_body
+
+log = logging.getLogger(__name__)
+
+
+def _refusal() -> bytes:
+    import orjson
+
+    body = orjson.dumps(error_body("overloaded", "this server has too many open connections; retry shortly"))
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+class _Refuse(asyncio.Protocol):
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        writer = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+        writer.write(self.message)
+        writer.close()
+
+
+class _ConnectionCap:
+    """aiohttp's `Server` (the sites' protocol factory), refusing connections past `limit`."""
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self._server = server
+        self.limit = limit
+        self.refused = 0
+        self._message = _refusal()
+
+    def __call__(self) -> RequestHandler | _Refuse:
+        if len(self._server.connections) >= self.limit:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning("%d connections refused: at the limit of %d open ones", self.refused, self.limit)
+            return _Refuse(self._message)
+        return self._server()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class CappedAppRunner(web.AppRunner):
+    def __init__(self, app: web.Application, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._max_connections = max_connections
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return _ConnectionCap(server, self._max_connections)  # type: ignore[return-value]
+
+
+def run(app: web.Application, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+    """Serves `app` until SIGTERM or SIGINT, then stops gracefully (what `web.run_app` does, plus the cap)."""
+
+    async def main() -> None:
+        runner = CappedAppRunner(app, settings.max_connections, handle_signals=True, handler_cancellation=True,
+                                 access_log=None, shutdown_timeout=settings.shutdown_timeout_s)
+        await runner.setup()
+        try:
+            site: web.BaseSite
+            if settings.unix_socket:
+                site = web.UnixSite(runner, settings.unix_socket)
+            else:
+                site = web.TCPSite(runner, settings.host, settings.port)
+            await site.start()
+            await asyncio.Event().wait()  # until a signal raises GracefulExit
+        finally:
+            await runner.cleanup()
+
+    asyncio.set_event_loop(loop)
+    task = loop.create_task(main())
+    try:
+        loop.run_until_complete(task)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
