@@ -299,3 +299,26 @@ async def test_failures_in_a_row_make_it_sick_and_a_success_heals() -> None:
     await ex.run(loop, [make_item(loop, token=1001)])
     assert not ex.sick
     ex.shutdown()
+
+
+async def test_a_batch_where_every_request_fails_is_the_models_fault() -> None:
+    """A model that fails everything (a lasting CUDA error) must not answer 500 for requests another process
+    could answer: they get ModelFailing (a retryable 503), while a lone bad request still gets ItemFailed."""
+    from vqa_async.batching.executor import ModelFailing
+
+    loop = asyncio.get_running_loop()
+    ex = executor_with(EchoAnswerer(fail_token=1666))
+    items = [make_item(loop, token=1666) for _ in range(4)]
+    await ex.run(loop, items)
+    await asyncio.sleep(0)
+    for it in items:
+        with pytest.raises(ModelFailing):
+            it.future.result()
+    mixed = [make_item(loop, token=1666), make_item(loop, token=1001)]
+    await ex.run(loop, mixed)
+    await asyncio.sleep(0)
+    with pytest.raises(ItemFailed) as e:
+        mixed[0].future.result()
+    assert not isinstance(e.value, ModelFailing)
+    assert mixed[1].future.result()[0].text == "1001"
+    ex.shutdown()

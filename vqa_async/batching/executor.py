@@ -39,6 +39,11 @@ class ItemFailed(Exception):
         self.error_id = error_id
 
 
+class ModelFailing(ItemFailed):
+    """Every request of a batch failed on its own: the model, not the request, is at fault, so another process
+    may well answer it (a 503 that HAProxy retries, not a 500)."""
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
@@ -112,10 +117,18 @@ class ModelExecutor:
 
     def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem]) -> None:
         self.busy_since = time.monotonic()
+        failed: list[tuple[WorkItem, str]] = []
         try:
-            self._run_or_split(loop, batch)
+            self._run_or_split(loop, batch, failed)
         finally:
             self.busy_since = None
+            # Settled once the whole batch is known: if several requests were tried and none was answered,
+            # the fault is the model's.
+            systemic = len(failed) > 1 and len(failed) == len(batch)
+            errors: list[tuple[asyncio.Future[Any], BaseException]] = [
+                (item.future, ModelFailing(eid) if systemic else ItemFailed(eid)) for item, eid in failed]
+            if errors:
+                loop.call_soon_threadsafe(_settle_all_failed, errors)
 
     def _wanted(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> list[WorkItem]:
         """The items someone still waits for; checked before every model call, retries included."""
@@ -131,7 +144,8 @@ class ModelExecutor:
                 loop.call_soon_threadsafe(_settle, item.future, None, TimeoutError("deadline passed in the queue"))
         return live
 
-    def _run_or_split(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> None:
+    def _run_or_split(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem],
+                      failed: list[tuple[WorkItem, str]]) -> None:
         items = self._wanted(loop, items)
         if not items:
             return
@@ -160,18 +174,18 @@ class ModelExecutor:
         if len(items) > 1:
             log.warning("a batch of %d requests failed (%s); splitting it", len(items), summary)
             half = len(items) // 2
-            self._run_or_split(loop, items[:half])
-            self._run_or_split(loop, items[half:])
+            self._run_or_split(loop, items[:half], failed)
+            self._run_or_split(loop, items[half:], failed)
             return
         if kind == "oom" and min(items[0].size, slice_size) > self._cap:  # answered in smaller slices now
             log.warning("a request of %d questions ran out of memory; retrying in slices of %d", items[0].size,
                         self._cap)
-            self._run_or_split(loop, items)
+            self._run_or_split(loop, items, failed)
             return
         self.failures_in_a_row += 1
         error_id = uuid.uuid4().hex[:12]
         log.error("request failed in the model [error id %s]\n%s", error_id, trace.rstrip())
-        loop.call_soon_threadsafe(_settle, items[0].future, None, ItemFailed(error_id))
+        failed.append((items[0], error_id))
 
     def _lower_cap(self, size: int) -> None:
         self._cap = max(1, min(self._cap, size) // 2)
@@ -248,3 +262,8 @@ def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) 
 def _settle_all(done: list[tuple[asyncio.Future[Any], Any]]) -> None:
     for fut, result in done:
         _settle(fut, result, None)
+
+
+def _settle_all_failed(failed: list[tuple[asyncio.Future[Any], BaseException]]) -> None:
+    for fut, error in failed:
+        _settle(fut, None, error)

@@ -8,7 +8,7 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from vqa_async.batching.executor import ItemFailed
+from vqa_async.batching.executor import ItemFailed, ModelFailing
 from vqa_async.batching.service import NotReady, Outcome, Overloaded
 from vqa_async.http.errors import ApiError, Handler, error_body, json_response
 from vqa_async.http.keys import METRICS, SERVICE, SETTINGS
@@ -30,6 +30,9 @@ async def ask(request: web.Request, vqa: VqaInput) -> Outcome:
         raise ApiError(503, "not_ready", str(e), {"Retry-After": "2"}) from e
     except TimeoutError as e:
         raise ApiError(504, "timeout", f"no answer within {request.app[SETTINGS].timeout_s:g} s") from e
+    except ModelFailing as e:  # every request of its batch failed: another process may answer it
+        raise ApiError(503, "not_ready", "the model is failing every request here; retry shortly",
+                       {"Retry-After": "1", "X-Error-Id": e.error_id}) from e
     except ItemFailed as e:
         raise ApiError(500, "model_error", str(e), {"X-Error-Id": e.error_id}) from e
 
