@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from vqa_async.http.errors import error_body
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "haproxy"
+# haproxy/ at the repository's top level, shipped in the wheel as this package (pyproject.toml).
+TEMPLATE_DIR = Path(str(resources.files("vqa_async.haproxy_templates")))
 # HAProxy's own errors: (status, code, message, Retry-After seconds or None), in the API's JSON shape.
 EDGE_ERRORS = [
     (400, "bad_request", "the request is malformed", None),
