@@ -8,6 +8,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vqa_async.cluster.supervisor import ClusterOptions
 
 log = logging.getLogger("vqa_async")
 
@@ -42,33 +46,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cluster(args: argparse.Namespace) -> int:
-    import asyncio
+def cluster_options(args: argparse.Namespace) -> ClusterOptions:
+    """`vqa-async cluster`'s flags as ClusterOptions (tests/test_deploy.py renders the manifests' front with it)."""
     from pathlib import Path
 
     from vqa_async.cluster.backends import parse_backend, parse_backend_dns
-    from vqa_async.cluster.supervisor import Cluster, ClusterOptions, request_reload
-    from vqa_async.config import settings_from_args
+    from vqa_async.cluster.supervisor import ClusterOptions
 
-    runtime_dir = Path(args.runtime_dir) if args.runtime_dir else None
-    if args.action == "reload":
-        pid = request_reload(args.port, args.model, runtime_dir)
-        print(f"asked the cluster (pid {pid}) on port {args.port} for a rolling reload")
-        return 0
-    settings = settings_from_args(args)
     remote = [parse_backend(b) for b in args.backend or []]
     dns = parse_backend_dns(args.backend_dns, args.resolver, args.backend_dns_slots) if args.backend_dns else None
     if args.resolver and not dns:
         raise ValueError("--resolver only applies to --backend-dns")
     if args.workers < 0 or (args.workers == 0 and not remote and not dns):
         raise ValueError("--workers 0 needs workers elsewhere: --backend HOST:PORT or --backend-dns NAME:PORT")
-    options = ClusterOptions(workers=args.workers, host=args.host, port=args.port, stats_port=args.stats_port,
-                             devices=[d for d in (args.devices or "").split(",") if d], backends=remote,
-                             backend_dns=dns,
-                             queue_timeout_s=args.queue_timeout_s, server_maxconn=args.server_maxconn,
-                             runtime_dir=runtime_dir, haproxy_log=args.haproxy_log,
-                             retry_body_bytes=args.retry_body_kb * 1024)
-    return asyncio.run(Cluster(options, settings).run())
+    return ClusterOptions(workers=args.workers, host=args.host, port=args.port, stats_port=args.stats_port,
+                          devices=[d for d in (args.devices or "").split(",") if d], backends=remote,
+                          backend_dns=dns, queue_timeout_s=args.queue_timeout_s, server_maxconn=args.server_maxconn,
+                          runtime_dir=Path(args.runtime_dir) if args.runtime_dir else None,
+                          haproxy_log=args.haproxy_log, retry_body_bytes=args.retry_body_kb * 1024)
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from vqa_async.cluster.supervisor import Cluster, request_reload
+    from vqa_async.config import settings_from_args
+
+    if args.action == "reload":
+        pid = request_reload(args.port, args.model, Path(args.runtime_dir) if args.runtime_dir else None)
+        print(f"asked the cluster (pid {pid}) on port {args.port} for a rolling reload")
+        return 0
+    settings = settings_from_args(args)
+    return asyncio.run(Cluster(cluster_options(args), settings).run())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
