@@ -23,10 +23,12 @@ bench: install-test system  ## baseline, serve, cluster and ceiling side by side
 	$(PY) bench/run.py --systems baseline,serve,cluster,ceiling --concurrency 1,8,32,100 --requests 3000 \
 	  --out bench/out
 
-system:  ## Debian packages: HAProxy (the front), Chromium + driver (page tests), ab (load checks)
-	@if ! command -v haproxy >/dev/null || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+system:  ## Debian packages: HAProxy (the front), Chromium + driver (page tests), ab (load checks),
+         ## iproute2 + dnsmasq (network-namespace hosts and DNS discovery in tests/test_fleet.py)
+	@if ! command -v haproxy >/dev/null || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] \
+	    || ! command -v dnsmasq >/dev/null || ! command -v ip >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy chromium chromium-driver \
-	    apache2-utils >/dev/null; fi
+	    apache2-utils iproute2 dnsmasq-base >/dev/null; fi
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from importlib import resources
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -16,7 +17,8 @@ from vqa_async.http.errors import error_middleware
 from vqa_async.http.keys import METRICS, SERVICE, SETTINGS
 from vqa_async.metrics import Metrics
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# templates/ at the repository's top level, shipped in the wheel as this package (pyproject.toml).
+TEMPLATES = Path(str(resources.files("vqa_async.templates")))
 
 # multipart framing around the largest accepted upload
 MULTIPART_SLACK = 64 * 1024

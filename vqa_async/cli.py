@@ -8,6 +8,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vqa_async.cluster.supervisor import ClusterOptions
 
 log = logging.getLogger("vqa_async")
 
@@ -41,25 +45,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cluster_options(args: argparse.Namespace) -> ClusterOptions:
+    """`vqa-async cluster`'s flags as ClusterOptions (tests/test_deploy.py renders the manifests' front with it)."""
+    from pathlib import Path
+
+    from vqa_async.cluster.backends import parse_backend, parse_backend_dns
+    from vqa_async.cluster.supervisor import ClusterOptions
+
+    remote = [parse_backend(b) for b in args.backend or []]
+    dns = parse_backend_dns(args.backend_dns, args.resolver, args.backend_dns_slots) if args.backend_dns else None
+    if args.resolver and not dns:
+        raise ValueError("--resolver only applies to --backend-dns")
+    if args.workers < 0 or (args.workers == 0 and not remote and not dns):
+        raise ValueError("--workers 0 needs workers elsewhere: --backend HOST:PORT or --backend-dns NAME:PORT")
+    return ClusterOptions(workers=args.workers, host=args.host, port=args.port, stats_port=args.stats_port,
+                          devices=[d for d in (args.devices or "").split(",") if d], backends=remote,
+                          backend_dns=dns, queue_timeout_s=args.queue_timeout_s, server_maxconn=args.server_maxconn,
+                          runtime_dir=Path(args.runtime_dir) if args.runtime_dir else None,
+                          haproxy_log=args.haproxy_log, retry_body_bytes=args.retry_body_kb * 1024)
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
-    from vqa_async.cluster.supervisor import Cluster, ClusterOptions, request_reload
+    from vqa_async.cluster.supervisor import Cluster, request_reload
     from vqa_async.config import settings_from_args
 
-    runtime_dir = Path(args.runtime_dir) if args.runtime_dir else None
     if args.action == "reload":
-        pid = request_reload(args.port, args.model, runtime_dir)
+        pid = request_reload(args.port, args.model, Path(args.runtime_dir) if args.runtime_dir else None)
         print(f"asked the cluster (pid {pid}) on port {args.port} for a rolling reload")
         return 0
     settings = settings_from_args(args)
-    options = ClusterOptions(workers=args.workers, host=args.host, port=args.port, stats_port=args.stats_port,
-                             devices=[d for d in (args.devices or "").split(",") if d], backends=args.backend or [],
-                             queue_timeout_s=args.queue_timeout_s, server_maxconn=args.server_maxconn,
-                             runtime_dir=runtime_dir, haproxy_log=args.haproxy_log,
-                             retry_body_bytes=args.retry_body_kb * 1024)
-    return asyncio.run(Cluster(options, settings).run())
+    return asyncio.run(Cluster(cluster_options(args), settings).run())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -126,12 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("cluster", help="N serve processes behind HAProxy, supervised (the main job)")
     cl.add_argument("action", nargs="?", choices=["run", "reload"], default="run",
                     help="run (default), or reload: a rolling reload of the cluster running on --port")
-    cl.add_argument("--workers", type=int, default=2)
+    cl.add_argument("--workers", type=int, default=2, help="serve processes on this machine (0: only remote ones)")
     cl.add_argument("--host", default="127.0.0.1", help="address HAProxy listens on")
     cl.add_argument("--port", type=int, default=8080, help="HAProxy's port: the single entry point")
     cl.add_argument("--stats-port", type=int, default=0, help="HAProxy stats page and /metrics (default port+1)")
     cl.add_argument("--devices", default=None, help="spread workers over these, e.g. cuda:0,cuda:1")
     cl.add_argument("--backend", action="append", help="HOST:PORT of a `vqa-async serve` elsewhere (repeatable)")
+    cl.add_argument("--backend-dns", default=None, metavar="NAME:PORT",
+                    help="a DNS name whose A records are `vqa-async serve` hosts (e.g. a Kubernetes headless "
+                         "Service); HAProxy re-resolves it every second and adds or removes workers without a reload")
+    cl.add_argument("--resolver", default=None, metavar="IP:PORT",
+                    help="the DNS server for --backend-dns (default: the nameservers of /etc/resolv.conf)")
+    cl.add_argument("--backend-dns-slots", type=int, default=16,
+                    help="the most workers --backend-dns may list (HAProxy's server-template slots)")
     cl.add_argument("--queue-timeout-s", type=float, default=5.0, help="HAProxy queue wait before a 503")
     cl.add_argument("--server-maxconn", type=int, default=0, help="requests in flight per worker (0: 2x batch)")
     cl.add_argument("--haproxy-log", action="store_true", help="HAProxy's request log on stderr")

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from vqa_async.http.errors import error_body
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "haproxy"
+# haproxy/ at the repository's top level, shipped in the wheel as this package (pyproject.toml).
+TEMPLATE_DIR = Path(str(resources.files("vqa_async.haproxy_templates")))
 # HAProxy's own errors: (status, code, message, Retry-After seconds or None), in the API's JSON shape.
 EDGE_ERRORS = [
     (400, "bad_request", "the request is malformed", None),
@@ -45,7 +47,8 @@ class Server:
 def render(servers: list[Server], *, host: str, port: int, stats_host: str, stats_port: int, admin_socket: Path,
            max_body_bytes: int, server_maxconn: int, queue_timeout_s: float, server_timeout_s: float,
            client_timeout_s: float = 30.0, check_interval_ms: int = 500, maxconn: int = 4096,
-           log: bool = False, retry_body_bytes: int = RETRYABLE_BODY_BYTES) -> str:
+           log: bool = False, retry_body_bytes: int = RETRYABLE_BODY_BYTES, **remote: Any) -> str:
+    """`remote`: the remote workers' variables, from vqa_async.cluster.backends.template_vars."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
     return env.get_template("haproxy.cfg.j2").render(
@@ -54,7 +57,7 @@ def render(servers: list[Server], *, host: str, port: int, stats_host: str, stat
         queue_timeout_s=queue_timeout_s, server_timeout_s=server_timeout_s, client_timeout_s=client_timeout_s,
         check_interval_ms=check_interval_ms, maxconn=maxconn, maxrewrite=MAXREWRITE,
         bufsize=retry_body_bytes + MAXREWRITE + HEADERS_ROOM,
-        log=log,
+        log=log, **remote,
         errors=[(status, json.dumps(error_body(code, message), separators=(",", ":")), retry_after)
                 for status, code, message, retry_after in EDGE_ERRORS])
 

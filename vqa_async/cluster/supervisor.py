@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 
 from vqa_async.cluster import haproxy
+from vqa_async.cluster.backends import DnsBackends, template_vars
 from vqa_async.config import Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class ClusterOptions:
     stats_port: int = 0  # 0: port + 1
     devices: list[str] = field(default_factory=list)  # spread workers over these, round robin
     backends: list[str] = field(default_factory=list)  # HOST:PORT of `vqa-async serve` on other machines
+    backend_dns: DnsBackends | None = None  # a DNS name listing such workers, re-resolved while running
     queue_timeout_s: float = 5.0
     server_maxconn: int = 0  # 0: twice the workers' max batch size
     runtime_dir: Path | None = None
@@ -187,14 +189,14 @@ class Cluster:
     # -- HAProxy ----------------------------------------------------------------------------------------------
     def _render(self) -> Path:
         servers = [haproxy.Server(w.name, f"127.0.0.1:{w.port}") for w in self.workers]
-        servers += [haproxy.Server(f"remote{i}", b) for i, b in enumerate(self.opt.backends)]
         cfg = haproxy.render(
             servers, host=self.opt.host, port=self.opt.port, stats_host="127.0.0.1",
             stats_port=self.stats_port, admin_socket=self.admin_socket,
             max_body_bytes=self.serve.max_body_bytes,
             server_maxconn=self.opt.server_maxconn or 2 * self.serve.max_batch_size,
             queue_timeout_s=self.opt.queue_timeout_s, server_timeout_s=self.serve.timeout_s + 5,
-            log=self.opt.haproxy_log, retry_body_bytes=self.opt.retry_body_bytes)
+            log=self.opt.haproxy_log, retry_body_bytes=self.opt.retry_body_bytes,
+            **template_vars(self.opt.backends, self.opt.backend_dns))
         path = self.runtime_dir / "haproxy.cfg"
         path.write_text(cfg)
         return path
