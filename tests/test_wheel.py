@@ -3,12 +3,12 @@ venv in a temporary directory, runs `vqa-async serve` (the page renders, a quest
 `vqa-async cluster` (answered through HAProxy) from another directory. And `pip install .` (non-editable) finds
 its templates too.
 
-How the fresh venv gets its dependencies: a full `pip install` of the wheel with its dependencies took 5 min 54 s
-of wall time on the 2-core test box, from the local wheel mirror (torch alone is several GB), which is too slow
-for every CI run. So the fresh venv sees the test venv's site-packages through a .pth file listing them as plain
-paths (so the editable install's finder there is not activated: only the wheel provides `vqa_async`), the wheel
-is installed with `--no-deps`, and the test then checks every dependency the wheel declares is present at a
-version that satisfies it, as `pip check` would.
+How the fresh venv gets its dependencies: a full `pip install` of the wheel with its dependencies (torch and
+torchvision pinned as in the Makefile, from the box's local wheel mirror; several GB) took 5 min 54 s of wall
+time and 79 s of CPU on the shared 2-core test box, too slow for every CI run. So the fresh venv sees the test
+venv's site-packages through a .pth file listing them as plain paths (so the editable install's finder there is
+not activated: only the wheel provides `vqa_async`), the wheel is installed with `--no-deps`, and the test then
+checks every dependency the wheel declares is present at a version that satisfies it, as `pip check` would.
 """
 
 from __future__ import annotations

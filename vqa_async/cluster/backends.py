@@ -12,7 +12,9 @@ DNS_SLOTS = 16
 # A server that its health check marks down, or that its DNS name no longer lists, has its requests in flight
 # cut at once; HAProxy still holds each request (option http-buffer-request) and retries it on another worker
 # (retry-on empty-response). Without this, a request on a host whose link went down hangs until
-# `timeout server` and comes back as a 504.
+# `timeout server` and comes back as a 504. The price (HAProxy 2.6): a request still connecting to the host at
+# that instant is dropped rather than retried (log state D---); least-connections rarely sends new requests to
+# a host that has stuck ones, so this shows only on a link slow enough to fail health checks mid-upload.
 REMOTE_OPTIONS = "on-marked-down shutdown-sessions"
 
 
