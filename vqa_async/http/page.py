@@ -1,9 +1,12 @@
-"""The upload page. With JavaScript it posts to /v1/vqa and shows the answer in place; without, the form posts
-here and the same template renders the answer."""
+"""The upload page. With JavaScript (static/page.js) it shrinks a large photo in the browser, posts it to /v1/vqa
+and shows the answer in place; without, the form posts the original here and the same template renders the
+answer."""
 
 from __future__ import annotations
 
 import aiohttp_jinja2
+from pathlib import Path
+
 from aiohttp import web
 
 from vqa_async.http.errors import ApiError
@@ -12,10 +15,21 @@ from vqa_async.http.keys import SERVICE, SETTINGS
 from vqa_async.http.parse import read_vqa_input
 
 
+SCRIPT = Path(__file__).resolve().parents[2] / "static" / "page.js"
+
+
 def _context(request: web.Request, **extra: object) -> dict[str, object]:
     s = request.app[SETTINGS]
-    return {"model": request.app[SERVICE].model_name, "max_body_mb": s.max_body_mb,
+    service = request.app[SERVICE]
+    # The script shrinks photos to 2x this on their longer side; 0 (model not loaded yet) sends them as they are.
+    image_res = service.loaded.image_res if service.loaded is not None else 0
+    return {"model": service.model_name, "max_body_mb": s.max_body_mb, "image_res": image_res,
             "max_question_chars": s.max_question_chars, **extra}
+
+
+async def script(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(SCRIPT, headers={"Content-Type": "text/javascript; charset=utf-8",
+                                             "Cache-Control": "no-cache"})
 
 
 async def page(request: web.Request) -> web.Response:
