@@ -15,6 +15,7 @@ rebuilt when a file is missing, never downloaded.
 from __future__ import annotations
 
 import io
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -44,7 +45,9 @@ class Photo:
 
 
 def photos_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"vqa-async-photos-v{VERSION}"
+    """$VQA_PHOTOS_DIR (a set built elsewhere: `bench/gpu.sh --prepare` carries one to a host without
+    scikit-image), or a versioned folder in the temporary directory."""
+    return Path(os.environ.get("VQA_PHOTOS_DIR") or Path(tempfile.gettempdir()) / f"vqa-async-photos-v{VERSION}")
 
 
 def _source(name: str) -> Image.Image:
