@@ -335,6 +335,7 @@ def test_js_shrinks_a_12mp_photo_upright(photo_server: str, browser: webdriver.C
     out = ask_with_js(browser, photo_server, original, "what is in the picture?")
     assert out.get_attribute("id") == "answer", out.text
     sent = _received(photo_uploads, before)
+    print(f"\n12 MP photo: {original.stat().st_size} bytes chosen, {len(sent)} bytes received")
     assert len(sent) < 500_000, f"{len(sent)} bytes left the browser for a {original.stat().st_size}-byte photo"
     img = Image.open(io.BytesIO(sent))
     assert img.format == "JPEG" and img.size == (1008, 756), img.size  # upright: landscape, 2 x 504 long side
