@@ -119,10 +119,14 @@ def upright(photo: Photo) -> tuple[int, int]:
 
 
 def photo_requests(n: int, photos: list[Photo] | None = None) -> list[tuple[bytes, str]]:
-    """n (image bytes, question) pairs cycling over the set; one bytes object per photo."""
+    """n (image bytes, question) pairs cycling over the set. Every request's bytes are distinct (a few bytes after
+    the image's end marker, which decoders ignore): users upload different photos, so neither the server's
+    embedding cache (keyed by the upload's sha256) nor its per-batch dedup of identical images may help it here,
+    and every system decodes every upload."""
     photos = photos or build()
     blobs = [p.path.read_bytes() for p in photos]
-    return [(blobs[i % len(blobs)], QUESTIONS[(i // len(blobs)) % len(QUESTIONS)]) for i in range(n)]
+    return [(blobs[i % len(blobs)] + f"\0vqa-bench-{i}".encode(), QUESTIONS[(i // len(blobs)) % len(QUESTIONS)])
+            for i in range(n)]
 
 
 def main() -> None:

@@ -191,8 +191,8 @@ def measure_http(sysm: System, forms: list[Form], concurrency: int) -> dict[str,
         row["mean_batch_size"] = round((after[0] - before[0]) / calls, 2) if calls else 0.0
         row["failed_model_calls"] = int(after[2] - before[2])
         row["cpu_ms_per_image"] = round(1000 * (after[3] - before[3]) / len(forms), 2)
-    else:
-        row["mean_batch_size"] = 1.0
+    else:  # no /metrics: the baseline answers one at a time; LitServe's batches are its own business
+        row["mean_batch_size"] = 1.0 if sysm.name == "baseline" else None
         row["cpu_ms_per_image"] = None  # no stage counters: baseline and LitServe decode inside their model loop
     return row
 
@@ -324,7 +324,7 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
             if r:
                 cpu = r.get("cpu_ms_per_image")
                 lines.append(f"| {s} | {c} | {r['answers_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
-                             f"{r['failures']} | {r['mean_batch_size']} | {'–' if cpu is None else cpu} |")
+                             f"{r['failures']} | {r['mean_batch_size'] or '–'} | {'–' if cpu is None else cpu} |")
     failed = [f"{r['system']} c={r['concurrency']}: {r['failed_model_calls']}" for r in rows
               if r.get("failed_model_calls")]
     if failed:
