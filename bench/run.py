@@ -2,6 +2,7 @@
 
     python bench/run.py --systems baseline,serve,cluster,ceiling --concurrency 1,8,32,100 --requests N \
         --out DIR [--model DIR] [--workers N] [--images FOLDER|photos] [--device cpu] [--decoder reference|fast]
+        [any other serve flag for serve and cluster, e.g. --torch-threads 1 or --exact-preprocess]
 
 It starts each system itself on free loopback ports, sweeps the concurrency with a closed-loop load generator
 (real images: easy-VQA's test split by default; `--images photos` the phone-like photo set of bench/photos.py),
@@ -346,6 +347,7 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for s in systems:
@@ -356,6 +358,7 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
     for ax, title in ((ax1, "throughput (answers/s)"), (ax2, "P95 latency (ms)")):
         ax.set_xscale("log")
         ax.set_xticks(levels, [str(c) for c in levels])
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the log scale's own labels would overprint ours
         ax.set_xlabel("concurrency")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -380,7 +383,9 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=0)
     ap.add_argument("--one-at-a-time", action="store_true",
                     help="start and measure one system after the other (default: all up, measured level by level)")
-    args = ap.parse_args()
+    args, args.extra = ap.parse_known_args()  # anything else is a serve flag for serve and cluster
+    if any(not x.startswith("--") for x in args.extra[:1]):
+        ap.error(f"unrecognized arguments: {' '.join(args.extra)}")
 
     systems = [s for s in args.systems.split(",") if s]
     levels = [int(c) for c in args.concurrency.split(",")]
