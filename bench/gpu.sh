@@ -23,7 +23,8 @@
 # bench/breakdown.py at concurrency 128; bench/decoder.py (reference vs fast).
 #
 # Knobs for a dry run on a CPU box (SKIP_INSTALL=1 DEVICE=cpu PRESET=demo REQUESTS=64 LEVELS=1,8,32 bash
-# bench/gpu.sh ran every step here in 90 s; it has not yet run on a GPU):
+# bench/gpu.sh ran every step here in 90 s; SKIP_INSTALL=1 DEVICE=cpu PRESET=photo504 REQUESTS=28 LEVELS=1,8
+# VQA_PHOTOS_DIR=/tmp/vqa-async-photos-v1 bash bench/gpu.sh --photos in 5 min; it has not yet run on a GPU):
 # DEVICE (cuda), PRESET (large), REQUESTS (512 per level), LEVELS (1,32,128), SKIP_INSTALL, REPLICA, OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
