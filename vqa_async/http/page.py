@@ -4,16 +4,15 @@ answer."""
 
 from __future__ import annotations
 
-import aiohttp_jinja2
 from pathlib import Path
 
+import aiohttp_jinja2
 from aiohttp import web
 
 from vqa_async.http.errors import ApiError
 from vqa_async.http.handlers import ask
 from vqa_async.http.keys import SERVICE, SETTINGS
 from vqa_async.http.parse import read_vqa_input
-
 
 SCRIPT = Path(__file__).resolve().parents[2] / "static" / "page.js"
 
