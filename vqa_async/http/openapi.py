@@ -54,6 +54,8 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
             "/": {"get": {"summary": "The upload page", "responses": {"200": {"description": "HTML"}}},
                   "post": {"summary": "The upload page's form post (works without JavaScript)",
                            "responses": {"200": {"description": "HTML with the answer"}}}},
+            "/static/page.js": {"get": {"summary": "The upload page's script (shrinks photos before sending them)",
+                                        "responses": {"200": {"description": "JavaScript"}}}},
             "/healthz": {"get": {"summary": "Process alive", "responses": {"200": {"description": "alive"}}}},
             "/readyz": {"get": {"summary": "Model loaded and executor alive",
                                 "responses": {"200": {"description": "ready"}, "503": _error("not ready")}}},
