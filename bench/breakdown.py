@@ -1,7 +1,7 @@
 """Where the time goes: CPU time per answer and per batch, by stage and by process, under load.
 
     python bench/breakdown.py [--system cluster|serve] [--workers N] [--concurrency 32] [--requests 1000]
-        [--model DIR] [--out DIR] [any other serve flag, e.g. --torch-threads 1]
+        [--model DIR] [--images FOLDER|photos] [--out DIR] [any other serve flag, e.g. --torch-threads 1]
 
 It starts the system (as bench/run.py does), sends a closed-loop load, and reads CPU time from three sources:
 the load generator's own process (this one), HAProxy's and the supervisor's /proc entries, and each worker's
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import System, scrape, start
+from run import System, mean_megapixels, request_pairs, scrape, start
 
 from vqa_async.metrics import STAGES  # noqa: E402
-from vqa_async.tools.loadgen import easy_vqa_requests, encode_forms, load, summarize  # noqa: E402
+from vqa_async.tools.loadgen import encode_forms, load, summarize  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -74,7 +74,10 @@ def profile(before: dict[str, Any], after: dict[str, Any], answers: int, wall: f
             "cores": os.cpu_count(), "cpu_busy": round(total / (wall * (os.cpu_count() or 1)), 3),
             "model_calls": int(calls), "mean_batch_size": round(batch, 2),
             "model_wall_ms_per_batch": {s: round(1000 * v / calls, 2) if calls else 0.0 for s, v in wall_stage.items()},
-            "model_share_of_cpu": round((stages["vision"] + stages["decoder"]) / total, 3), "rows": rows}
+            "model_share_of_cpu": round((stages["vision"] + stages["decoder"]) / total, 3), "rows": rows,
+            # the upload path: decode (bytes to an upright RGB image) + preprocess (resize, hash, tokenize)
+            "upload": {"ms_per_image": round(1000 * (stages["decode"] + stages["preprocess"]) / answers, 3),
+                       "share": round((stages["decode"] + stages["preprocess"]) / total, 3)}}
 
 
 def markdown(p: dict[str, Any], command: str) -> str:
@@ -88,6 +91,9 @@ def markdown(p: dict[str, Any], command: str) -> str:
     w = p["model_wall_ms_per_batch"]
     lines += ["", f"Model wall time per batch: vision encoder {w['vision']} ms, decoder {w['decoder']} ms. "
               f"The model (vision + decoder) is {100 * p['model_share_of_cpu']:.1f}% of all CPU time spent."]
+    d = p["upload"]
+    lines += ["", f"Uploads (images of {p['image_mp']} MP on average): decode and resize take {d['ms_per_image']} ms "
+              f"of CPU per image, {100 * d['share']:.1f}% of all CPU time spent."]
     return "\n".join(lines) + "\n"
 
 
@@ -101,12 +107,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decoder", default="fast", choices=["reference", "fast"])
     ap.add_argument("--max-batch-size", type=int, default=0)
+    ap.add_argument("--images", default=None, help="a folder of images, or `photos` (default: easy-VQA's test split)")
     ap.add_argument("--out", default="bench/out")
     args, extra = ap.parse_known_args()
     args.extra = extra
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    forms = encode_forms(easy_vqa_requests(args.requests))
+    pairs = request_pairs(args.images, args.requests)
+    forms = encode_forms(pairs)
     sysm = start(args.system, args, out)
     try:
         load(sysm.url + "/v1/vqa", forms[:200], args.concurrency)  # warm-up
@@ -119,6 +127,7 @@ def main() -> None:
         sysm.stop()
     summary = summarize(results, wall)
     p = {**profile(before, after, int(summary["requests"]) - int(summary["failures"]), wall), "load": summary,
+         "image_mp": mean_megapixels(pairs), "images": args.images or "easy-VQA test split",
          "system": args.system, "workers": args.workers if args.system == "cluster" else 1,
          "concurrency": args.concurrency}
     command = " ".join(["python", "bench/breakdown.py"] + sys.argv[1:])

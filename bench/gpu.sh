@@ -3,9 +3,13 @@
 #
 #   bash bench/gpu.sh --prepare   # here, on a machine with an index: wheels -> .whl/ (46 MB), haproxy -> .deb/
 #   bash bench/gpu.sh             # on the CUDA host, from the repository root (carry .whl and .deb along)
+#   bash bench/gpu.sh --photos    # the same on bench/photos.py's phone photos (carry .photos too, 17 MB): the
+#                                 # load bench and the breakdown on photos, a breakdown with --gpu-decode (nvJPEG),
+#                                 # and the CPU micro-bench of the upload path; no decoder bench
 #
 # With the device tool: run `bash bench/gpu.sh --prepare` here, then
 #   run(command="OUT=$OUT bash bench/gpu.sh", carry=[".whl", ".deb"], timeout_s=600)
+#   run(command="OUT=$OUT bash bench/gpu.sh --photos", carry=[".whl", ".deb", ".photos"], timeout_s=600)
 # Everything it measures lands in $OUT/gpu-results.tgz, one file (the tool brings back at most 8), plus the
 # summary $OUT/summary.md. Each step has its own time limit (synth 90 s, load check 60, load bench 300, breakdown
 # 75, decoder 45: about 9.5 minutes at most with the install), the issue's figures come first, a failed step is
@@ -19,7 +23,8 @@
 # bench/breakdown.py at concurrency 128; bench/decoder.py (reference vs fast).
 #
 # Knobs for a dry run on a CPU box (SKIP_INSTALL=1 DEVICE=cpu PRESET=demo REQUESTS=64 LEVELS=1,8,32 bash
-# bench/gpu.sh ran every step here in 90 s; it has not yet run on a GPU):
+# bench/gpu.sh ran every step here in 90 s; SKIP_INSTALL=1 DEVICE=cpu PRESET=photo504 REQUESTS=28 LEVELS=1,8
+# VQA_PHOTOS_DIR=/tmp/vqa-async-photos-v1 bash bench/gpu.sh --photos in 5 min; it has not yet run on a GPU):
 # DEVICE (cuda), PRESET (large), REQUESTS (512 per level), LEVELS (1,32,128), SKIP_INSTALL, REPLICA, OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,10 +37,18 @@ if [[ "${1:-}" == "--prepare" ]]; then
     -d .whl prometheus-client==0.26.0 uvloop==0.23.0 tqdm matplotlib contourpy cycler fonttools kiwisolver pyparsing
   mkdir -p .deb && (cd .deb && apt-get download haproxy liblua5.3-0 libopentracing-c-wrapper0 libopentracing1 2>/dev/null \
     || apt-get download haproxy liblua5.3-0)
-  echo "prepared .whl/ and .deb/; carry both to the CUDA host"
+  python3 bench/photos.py .photos >/dev/null  # scikit-image is not on the CUDA host: carry the built set
+  echo "prepared .whl/, .deb/ and .photos/; carry them to the CUDA host"
   exit 0
 fi
 
+PHOTOS=""
+if [[ "${1:-}" == "--photos" ]]; then
+  PHOTOS=1
+  export VQA_PHOTOS_DIR=${VQA_PHOTOS_DIR:-$PWD/.photos}  # bench/photos.py reads the set from there
+fi
+IMAGES=()
+[[ -n $PHOTOS ]] && IMAGES=(--images photos)
 DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-large}
 REQUESTS=${REQUESTS:-512}
@@ -114,9 +127,9 @@ sample_memory() {  # each process's GPU memory and the GPU's total, every 5 s wh
 }
 sample_memory &
 SAMPLER=$!
-step "load bench ($SYSTEMS at $LEVELS, $REQUESTS requests per level)" 300 \
+step "load bench ($SYSTEMS at $LEVELS, $REQUESTS requests per level${PHOTOS:+, photos})" 300 \
   python3 bench/run.py --systems "$SYSTEMS" --concurrency "$LEVELS" --requests "$REQUESTS" --model "$REPLICA" \
-  --device "$DEVICE" --decoder fast --workers 2 --out "$WORK/bench"
+  --device "$DEVICE" --decoder fast --workers 2 --out "$WORK/bench" "${IMAGES[@]}"
 kill $SAMPLER 2>/dev/null
 cat "$WORK/bench/results.md" >>"$SUMMARY" 2>/dev/null
 { echo; echo "GPU memory per process (largest seen under load, MiB; empty where nvidia-smi lists no processes):"
@@ -141,10 +154,16 @@ PY
 TOP=${LEVELS##*,}
 if [[ $SYSTEMS == *cluster* ]]; then
   step "breakdown at concurrency $TOP" 75 python3 bench/breakdown.py --system cluster --workers 2 --concurrency "$TOP" \
-    --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" --out "$WORK/breakdown"
+    --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" --out "$WORK/breakdown" "${IMAGES[@]}"
+  if [[ -n $PHOTOS ]]; then  # nvJPEG decode and resize on the device, against the CPU's reduced-scale decode
+    step "breakdown at concurrency $TOP, --gpu-decode" 75 python3 bench/breakdown.py --system cluster --workers 2 \
+      --concurrency "$TOP" --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" \
+      --out "$WORK/breakdown-gpu-decode" --images photos --gpu-decode
+    cat "$WORK/breakdown-gpu-decode/breakdown.md" >>"$SUMMARY" 2>/dev/null
+  fi
 else
   step "breakdown at concurrency $TOP (serve)" 75 python3 bench/breakdown.py --system serve --concurrency "$TOP" \
-    --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" --out "$WORK/breakdown"
+    --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" --out "$WORK/breakdown" "${IMAGES[@]}"
 fi
 cat "$WORK/breakdown/breakdown.md" >>"$SUMMARY" 2>/dev/null
 
@@ -153,4 +172,9 @@ decoder_bench() {
     | tee "$WORK/decoder.json" >>"$SUMMARY"
 }
 export -f decoder_bench
-step "decoder bench" 45 bash -c decoder_bench
+if [[ -n $PHOTOS ]]; then
+  step "upload path micro-bench (CPU, one core)" 60 bash -c \
+    "python3 bench/photo_decode.py --repeat 3 | tee \"$WORK/photo_decode.txt\" >>\"$SUMMARY\""
+else
+  step "decoder bench" 45 bash -c decoder_bench
+fi

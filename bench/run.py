@@ -1,11 +1,13 @@
-"""The bench: baseline, serve, cluster and the bare-model ceiling, side by side, in one run, on one model.
+"""The bench: baseline, serve, cluster, litserve and the bare-model ceiling, side by side, in one run, on one model.
 
     python bench/run.py --systems baseline,serve,cluster,ceiling --concurrency 1,8,32,100 --requests N \
-        --out DIR [--model DIR] [--workers N] [--images FOLDER] [--device cpu] [--decoder reference|fast]
+        --out DIR [--model DIR] [--workers N] [--images FOLDER|photos] [--device cpu] [--decoder reference|fast]
+        [any other serve flag for serve and cluster, e.g. --torch-threads 1 or --exact-preprocess]
 
 It starts each system itself on free loopback ports, sweeps the concurrency with a closed-loop load generator
-(real images: easy-VQA's test split by default), reads the server's mean batch size from /metrics, and writes
-DIR/results.json (one row per system and concurrency), DIR/results.md and DIR/plot.png. No process is left behind.
+(real images: easy-VQA's test split by default; `--images photos` the phone-like photo set of bench/photos.py),
+reads the server's mean batch size and per-image preprocessing CPU from /metrics, and writes DIR/results.json (one
+row per system and concurrency), DIR/results.md and DIR/plot.png. No process is left behind.
 All systems are up at once and measured level by level (`--one-at-a-time` starts one after the other instead), so
 that the rows a ratio divides are taken close together in time.
 """
@@ -13,6 +15,8 @@ that the rows a ratio divides are taken close together in time.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import signal
@@ -29,6 +33,8 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from photos import photo_requests  # noqa: E402
 
 from vqa_async.cluster.supervisor import free_port, free_port_pair, serve_command  # noqa: E402
 from vqa_async.tools.loadgen import (  # noqa: E402
@@ -53,6 +59,24 @@ def folder_requests(folder: Path, n: int) -> list[tuple[bytes, str]]:
     return [(blobs[i % len(blobs)], QUESTIONS[i % len(QUESTIONS)]) for i in range(n)]
 
 
+def request_pairs(images: str | None, n: int) -> list[tuple[bytes, str]]:
+    if images == "photos":
+        return photo_requests(n)
+    return folder_requests(Path(images), n) if images else easy_vqa_requests(n)
+
+
+def mean_megapixels(pairs: list[tuple[bytes, str]]) -> float:
+    """Mean size of the requests' images, in megapixels (read from the headers: nothing is decoded)."""
+    from PIL import Image
+
+    sizes: dict[int, float] = {}
+    for img, _ in pairs:
+        if id(img) not in sizes:
+            with Image.open(io.BytesIO(img)) as im:
+                sizes[id(img)] = im.size[0] * im.size[1] / 1e6
+    return round(sum(sizes[id(img)] for img, _ in pairs) / max(1, len(pairs)), 3)
+
+
 @dataclass
 class System:
     name: str
@@ -60,16 +84,28 @@ class System:
     proc: subprocess.Popen[bytes] | None
     metrics_urls: list[str] = field(default_factory=list)
     state: dict[str, Any] | None = None  # the cluster's state.json: its pids and ports
+    group: bool = False  # the process leads its own process group (LitServe's workers): stop the whole group
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
             self.proc.wait()
+        if self.group:  # workers that outlived their parent
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        assert self.proc is not None
+        if self.group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+        else:
+            self.proc.send_signal(sig)
 
 
 def start(name: str, args: argparse.Namespace, log_dir: Path) -> System:
@@ -84,6 +120,11 @@ def start(name: str, args: argparse.Namespace, log_dir: Path) -> System:
     elif name == "serve":
         port = free_port()
         cmd = serve_command() + ["serve", "--port", str(port)] + model + common
+    elif name == "litserve":
+        port = free_port()
+        cmd = [sys.executable, str(ROOT / "bench" / "litserve_vqa.py"), "--port", str(port), "--device", args.device,
+               "--max-batch-size", str(args.max_batch_size or 16), "--workers-per-device", str(args.workers)]
+        cmd += model
     elif name == "cluster":
         port = free_port_pair()
         rdir = Path(tempfile.mkdtemp(prefix="vqa-bench-cluster-"))
@@ -92,7 +133,9 @@ def start(name: str, args: argparse.Namespace, log_dir: Path) -> System:
     else:
         raise ValueError(name)
     log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
-    sysm = System(name, f"http://127.0.0.1:{port}", subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    group = name == "litserve"
+    sysm = System(name, f"http://127.0.0.1:{port}", subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                                                      start_new_session=group), group=group)
     try:  # a system that does not come up is stopped here, not left behind
         assert sysm.proc is not None
         wait_ready(sysm.url, sysm.proc)
@@ -122,21 +165,23 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-def batch_totals(urls: list[str]) -> tuple[float, float, float]:
-    """Summed over the workers: questions answered in model calls, model calls, and model calls that failed
-    (a failure splits the batch, and out-of-memory also halves the batch cap: figures then read low)."""
-    total = count = failed = 0.0
+def batch_totals(urls: list[str]) -> tuple[float, float, float, float]:
+    """Summed over the workers: questions answered in model calls, model calls, model calls that failed (a
+    failure splits the batch, and out-of-memory also halves the batch cap: figures then read low), and the CPU
+    seconds of turning uploads into pixels (the decode and preprocess stages)."""
+    total = count = failed = prep = 0.0
     for u in urls:
         m = scrape(u)
         total += m["vqa_batch_size_sum"]
         count += m["vqa_batch_size_count"]
         failed += sum(v for k, v in m.items() if k.startswith("vqa_batch_failures_total{"))
-    return total, count, failed
+        prep += sum(m.get(f'vqa_stage_cpu_seconds_total{{stage="{s}"}}', 0.0) for s in ("decode", "preprocess"))
+    return total, count, failed, prep
 
 
 def measure_http(sysm: System, forms: list[Form], concurrency: int) -> dict[str, Any]:
     load(sysm.url + "/v1/vqa", forms[: max(2, concurrency)], concurrency)  # warm-up
-    before = batch_totals(sysm.metrics_urls) if sysm.metrics_urls else (0.0, 0.0, 0.0)
+    before = batch_totals(sysm.metrics_urls) if sysm.metrics_urls else (0.0, 0.0, 0.0, 0.0)
     t0 = time.monotonic()
     results = load(sysm.url + "/v1/vqa", forms, concurrency, timeout_s=300)
     wall = time.monotonic() - t0
@@ -146,8 +191,10 @@ def measure_http(sysm: System, forms: list[Form], concurrency: int) -> dict[str,
         calls = after[1] - before[1]
         row["mean_batch_size"] = round((after[0] - before[0]) / calls, 2) if calls else 0.0
         row["failed_model_calls"] = int(after[2] - before[2])
-    else:
-        row["mean_batch_size"] = 1.0
+        row["cpu_ms_per_image"] = round(1000 * (after[3] - before[3]) / len(forms), 2)
+    else:  # no /metrics: the baseline answers one at a time; LitServe's batches are its own business
+        row["mean_batch_size"] = 1.0 if sysm.name == "baseline" else None
+        row["cpu_ms_per_image"] = None  # no stage counters: baseline and LitServe decode inside their model loop
     return row
 
 
@@ -203,7 +250,8 @@ class Ceiling:
         times.sort()
         return {"system": "ceiling", "concurrency": c, "requests": answered, "failures": 0,
                 "answers_per_s": round(answered / wall, 2), "p50_ms": percentile(times, 50),
-                "p95_ms": percentile(times, 95), "p99_ms": percentile(times, 99), "mean_batch_size": float(bs)}
+                "p95_ms": percentile(times, 95), "p99_ms": percentile(times, 99), "mean_batch_size": float(bs),
+                "cpu_ms_per_image": None}
 
 
 Rows = dict[tuple[str, int], dict[str, Any]]
@@ -236,6 +284,14 @@ def check_targets(rows: list[dict], device: str) -> list[str]:
             r = ratio(by, num, den, 32)
             if r is not None:
                 line(r >= need, f"{num}/{den} at concurrency 32 is {r:.2f} (target >= {need})")
+        peer = by.get(("litserve", 32))
+        for name in ("serve", "cluster"):  # on photos: >= 2x LitServe's answers/s with a lower P95, in one run
+            ours = by.get((name, 32))
+            if peer and ours and peer["answers_per_s"]:
+                r = ours["answers_per_s"] / peer["answers_per_s"]
+                line(r >= 2.0 and ours["p95_ms"] < peer["p95_ms"],
+                     f"{name}/litserve at concurrency 32 is {r:.2f}, P95 {ours['p95_ms']} vs {peer['p95_ms']} ms "
+                     "(target >= 2.0 with a lower P95)")
     else:
         top = by.get(("cluster", 128))
         if top:
@@ -257,16 +313,19 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
     by = by_system(rows)
     lines = [f"# vqa-async bench — {meta['date']}", "",
              f"model `{meta['model']}`, device {meta['device']}, decoder {meta['decoder']}, "
-             f"{meta['requests']} requests per level, cluster workers {meta['workers']}, machine: {meta['machine']}",
+             f"{meta['requests']} requests per level, cluster workers {meta['workers']}, machine: {meta['machine']}, "
+             f"images: {meta['images']} (mean {meta['image_mp']} MP)",
              "", f"command: `{meta['command']}`", "",
-             "| system | concurrency | answers/s | P50 ms | P95 ms | P99 ms | failures | mean batch |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| system | concurrency | answers/s | P50 ms | P95 ms | P99 ms | failures | mean batch "
+             "| decode+resize CPU ms/image |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in systems:
         for c in levels:
             r = by.get((s, c))
             if r:
+                cpu = r.get("cpu_ms_per_image")
                 lines.append(f"| {s} | {c} | {r['answers_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
-                             f"{r['failures']} | {r['mean_batch_size']} |")
+                             f"{r['failures']} | {r['mean_batch_size'] or '–'} | {'–' if cpu is None else cpu} |")
     failed = [f"{r['system']} c={r['concurrency']}: {r['failed_model_calls']}" for r in rows
               if r.get("failed_model_calls")]
     if failed:
@@ -274,7 +333,8 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
                   "read low): " + ", ".join(failed)]
     lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |",
               "| --- | " + " | ".join("---:" for _ in levels) + " |"]
-    for num, den in (("serve", "baseline"), ("cluster", "baseline"), ("cluster", "ceiling"), ("serve", "ceiling")):
+    for num, den in (("serve", "baseline"), ("cluster", "baseline"), ("cluster", "ceiling"), ("serve", "ceiling"),
+                     ("serve", "litserve"), ("cluster", "litserve")):
         if num in systems and den in systems:
             vals = [f"{r:.2f}" if (r := ratio(by, num, den, c)) is not None else "–" for c in levels]
             lines.append(f"| {num}/{den} | " + " | ".join(vals) + " |")
@@ -287,6 +347,7 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for s in systems:
@@ -297,6 +358,7 @@ def write_outputs(out: Path, rows: list[dict], meta: dict[str, Any]) -> None:
     for ax, title in ((ax1, "throughput (answers/s)"), (ax2, "P95 latency (ms)")):
         ax.set_xscale("log")
         ax.set_xticks(levels, [str(c) for c in levels])
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the log scale's own labels would overprint ours
         ax.set_xlabel("concurrency")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -314,19 +376,23 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--model", default=None, help="serving directory (default: the demo model)")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--images", default=None, help="a folder of images (default: easy-VQA's test split)")
+    ap.add_argument("--images", default=None, help="a folder of images, or `photos` for bench/photos.py's phone-like "
+                    "set (default: easy-VQA's test split)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--decoder", default="fast", choices=["reference", "fast"])
     ap.add_argument("--max-batch-size", type=int, default=0)
     ap.add_argument("--one-at-a-time", action="store_true",
                     help="start and measure one system after the other (default: all up, measured level by level)")
-    args = ap.parse_args()
+    args, args.extra = ap.parse_known_args()  # anything else is a serve flag for serve and cluster
+    if any(not x.startswith("--") for x in args.extra[:1]):
+        ap.error(f"unrecognized arguments: {' '.join(args.extra)}")
 
     systems = [s for s in args.systems.split(",") if s]
     levels = [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = folder_requests(Path(args.images), args.requests) if args.images else easy_vqa_requests(args.requests)
+    pairs = request_pairs(args.images, args.requests)
+    image_mp = mean_megapixels(pairs)
     forms = encode_forms(pairs)
     rows: list[dict] = []
     bar = tqdm(total=len(systems) * len(levels), desc="bench", unit="level")
@@ -352,6 +418,7 @@ def main() -> None:
             rows.append(sysm.measure(c))
         else:
             rows.append({"system": name, "concurrency": c, **measure_http(sysm, forms, c)})
+        rows[-1]["image_mp"] = image_mp
         bar.update(1)
 
     try:
@@ -379,11 +446,13 @@ def main() -> None:
     rows.sort(key=lambda r: (systems.index(r["system"]), r["concurrency"]))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model or "vqa_async/demo", "device": args.device,
             "decoder": args.decoder, "requests": args.requests, "workers": args.workers,
+            "images": args.images or "easy-VQA test split", "image_mp": image_mp,
             "machine": f"{os.cpu_count()} cores, {os.uname().machine}",
             "command": " ".join(["python", "bench/run.py"] + sys.argv[1:])}
     write_outputs(out, rows, meta)
     by = by_system(rows)
-    for num, den in (("serve", "baseline"), ("cluster", "baseline"), ("cluster", "ceiling")):
+    for num, den in (("serve", "baseline"), ("cluster", "baseline"), ("cluster", "ceiling"), ("serve", "litserve"),
+                     ("cluster", "litserve")):
         for c in levels:
             if (r := ratio(by, num, den, c)) is not None:
                 print(f"{num}/{den} at concurrency {c}: {r:.2f}")

@@ -14,7 +14,8 @@ import pytest
 from vqa_async.cluster.haproxy import find_haproxy
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW_KEYS = {"system", "concurrency", "answers_per_s", "p50_ms", "p95_ms", "p99_ms", "failures", "mean_batch_size"}
+ROW_KEYS = {"system", "concurrency", "answers_per_s", "p50_ms", "p95_ms", "p99_ms", "failures", "mean_batch_size",
+            "image_mp", "cpu_ms_per_image"}
 needs_haproxy = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 
 
@@ -29,7 +30,9 @@ def ours() -> set[int]:
         except OSError:
             continue
         # Workers run as `.../vqa-async --log-level INFO serve ...`: match the subcommand, not a fixed prefix.
-        if b"bench/baseline.py" in cmd or b"haproxy -db" in cmd or (b"vqa" in cmd and b" serve " in cmd):
+        # LitServe's workers are multiprocessing children of bench/litserve_vqa.py, run by this checkout's Python.
+        litserve = b"litserve_vqa.py" in cmd or (b"multiprocessing" in cmd and str(ROOT).encode() in cmd)
+        if b"bench/baseline.py" in cmd or b"haproxy -db" in cmd or (b"vqa" in cmd and b" serve " in cmd) or litserve:
             pids.add(int(d.name))
     return pids
 
@@ -99,3 +102,33 @@ def test_targets_are_judged_from_the_rows() -> None:
     assert check_targets([row("cluster", 128, 310, p95=900), row("cluster", 1, 20, p50=40)], "cuda")[0] == (
         "met: cluster at concurrency 128: 310 answers/s, P95 900 ms, 0 failures (target >= 300/s, P95 <= 1000 ms, "
         "none)")
+
+
+def from_here() -> set[int]:
+    """`ours()` started from this checkout (other people's servers on a shared box come and go)."""
+    here = set()
+    for pid in ours():
+        try:
+            if str(ROOT).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                here.add(pid)
+        except OSError:
+            continue
+    return here
+
+
+def test_run_on_photos_beside_litserve(tmp_path: Path) -> None:
+    before = from_here()
+    out = tmp_path / "bench"
+    subprocess.run([sys.executable, "bench/run.py", "--systems", "serve,litserve", "--concurrency", "2", "--requests",
+                    "14", "--images", "photos", "--out", str(out)], cwd=ROOT, check=True, timeout=600,
+                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["system"] for r in rows} == {"serve", "litserve"}
+    for r in rows:
+        assert r.keys() >= ROW_KEYS, r
+        assert r["failures"] == 0 and r["answers_per_s"] > 0, r
+        assert 4 < r["image_mp"] < 6, r  # 4 x (0.3 + 2 + 12) MP + 12 MP + 1 MP over 14 photos
+    serve, peer = sorted(rows, key=lambda r: r["system"] != "serve")
+    assert serve["cpu_ms_per_image"] > 0 and peer["cpu_ms_per_image"] is None
+    assert "serve/litserve" in (out / "results.md").read_text()
+    assert from_here() <= before, "the bench left a process behind"

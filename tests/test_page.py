@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -17,11 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import pytest
 from aiohttp import web
 
 from vqa_async.app import init_app
 from vqa_async.config import Settings
+from vqa_async.http.keys import SERVICE
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -54,15 +58,24 @@ def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
             return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
-def server(demo_dir: Path) -> Iterator[str]:
-    """The real app on a free loopback port, served from its own event loop in a background thread."""
-    settings = Settings(model=str(demo_dir), device="cpu")
+def serve_app(settings: Settings, uploads: list[bytes] | None = None) -> Iterator[str]:
+    """The real app on a free loopback port, served from its own event loop in a background thread. `uploads`
+    collects every image the service is asked about, as it arrived (an in-process observation hook)."""
     started = threading.Event()
     box: dict[str, Any] = {}
 
     async def serve() -> None:
-        runner = web.AppRunner(init_app(settings), handler_cancellation=True)
+        app = init_app(settings)
+        if uploads is not None:
+            service = app[SERVICE]
+            ask = service.ask
+
+            async def recording_ask(image: bytes, questions: list[str]) -> Any:
+                uploads.append(image)
+                return await ask(image, questions)
+
+            service.ask = recording_ask  # type: ignore[method-assign]
+        runner = web.AppRunner(app, handler_cancellation=True)
         try:
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)  # the OS picks a free port: no race with other tests
@@ -113,6 +126,11 @@ def server(demo_dir: Path) -> Iterator[str]:
         yield base
     finally:
         stop()
+
+
+@pytest.fixture(scope="module")
+def server(demo_dir: Path) -> Iterator[str]:
+    yield from serve_app(Settings(model=str(demo_dir), device="cpu"))
 
 
 def api_answer(base: str, image: Path, question: str) -> dict[str, Any]:
@@ -272,3 +290,82 @@ def test_screenshot_of_answered_page(server: str, browser: webdriver.Chrome, ima
     assert len(data) > 10_000, len(data)
     with contextlib.suppress(OSError):  # a copy for people to look at; not part of the test
         shutil.copyfile(shot, SCREENSHOT_COPY)
+
+
+# -- photos: shrunk in the browser ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def photo_uploads() -> list[bytes]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def photo_server(tmp_path_factory: pytest.TempPathFactory, photo_uploads: list[bytes]) -> Iterator[str]:
+    """The app on a model with mPLUG-large's 504 px input (the `photo504` replica, random weights)."""
+    import torch
+
+    from vqa_async.tools.synth import synth
+
+    d = tmp_path_factory.mktemp("photo504")
+    synth("photo504", d, dtype=torch.float32, seed=0, progress=False)
+    yield from serve_app(Settings(model=str(d), device="cpu"), photo_uploads)
+
+
+@pytest.fixture(scope="module")
+def photo_set() -> dict[str, Path]:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from photos import build
+
+    return {p.path.name: p.path for p in build()}
+
+
+def _received(uploads: list[bytes], before: int) -> bytes:
+    assert len(uploads) == before + 1, f"{len(uploads) - before} uploads reached the service"
+    return uploads[-1]
+
+
+def test_js_shrinks_a_12mp_photo_upright(photo_server: str, browser: webdriver.Chrome, photo_uploads: list[bytes],
+                                          photo_set: dict[str, Path]) -> None:
+    from PIL import Image, ImageOps
+
+    original = photo_set["chelsea-12mp-exif6.jpg"]  # stored 3024x4032 on its side, EXIF orientation 6
+    browser.get(photo_server + "/")
+    assert browser.find_element(By.ID, "ask").get_attribute("data-image-res") == "504"
+    before = len(photo_uploads)
+    out = ask_with_js(browser, photo_server, original, "what is in the picture?")
+    assert out.get_attribute("id") == "answer", out.text
+    sent = _received(photo_uploads, before)
+    print(f"\n12 MP photo: {original.stat().st_size} bytes chosen, {len(sent)} bytes received")
+    assert len(sent) < 500_000, f"{len(sent)} bytes left the browser for a {original.stat().st_size}-byte photo"
+    img = Image.open(io.BytesIO(sent))
+    assert img.format == "JPEG" and img.size == (1008, 756), img.size  # upright: landscape, 2 x 504 long side
+    assert ImageOps.exif_transpose(img).size == img.size  # no orientation left for the server to apply
+    upright = ImageOps.exif_transpose(Image.open(original)).convert("RGB").resize(img.size)
+    sideways = Image.open(original).convert("RGB").resize(img.size)  # the wrong way: as stored
+    got = np.asarray(img.convert("RGB"), dtype=np.float32)
+    assert np.abs(got - np.asarray(upright, dtype=np.float32)).mean() < 8
+    assert np.abs(got - np.asarray(sideways, dtype=np.float32)).mean() > 20
+
+
+def test_js_sends_a_small_photo_as_it_is(photo_server: str, browser: webdriver.Chrome, photo_uploads: list[bytes],
+                                         photo_set: dict[str, Path]) -> None:
+    original = photo_set["coffee-0.3mp.jpg"]  # 640x480: under 2 x 504, nothing to gain
+    before = len(photo_uploads)
+    out = ask_with_js(browser, photo_server, original, "what color is it?")
+    assert out.get_attribute("id") == "answer", out.text
+    assert _received(photo_uploads, before) == original.read_bytes()
+
+
+def test_no_js_posts_the_original_photo(photo_server: str, browser_nojs: webdriver.Chrome,
+                                        photo_uploads: list[bytes], photo_set: dict[str, Path]) -> None:
+    original = photo_set["chelsea-12mp-exif6.jpg"]
+    before = len(photo_uploads)
+    browser_nojs.get(photo_server + "/")
+    browser_nojs.find_element(By.ID, "image").send_keys(str(original))
+    browser_nojs.find_element(By.ID, "question").send_keys("what is in the picture?")
+    html = browser_nojs.find_element(By.TAG_NAME, "html")
+    browser_nojs.find_element(By.ID, "submit").click()
+    WebDriverWait(browser_nojs, ANSWER_TIMEOUT_S, poll_frequency=0.1).until(
+        ec.staleness_of(html), "the form post did not navigate")
+    assert wait_outcome(browser_nojs).get_attribute("id") == "answer"
+    assert _received(photo_uploads, before) == original.read_bytes()

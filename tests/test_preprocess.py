@@ -6,6 +6,7 @@ import io
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +16,9 @@ from vqa_async.model.preprocess import (
     QUESTION_MAX_TOKENS,
     ImageError,
     QuestionTokenizer,
+    UploadPixels,
     decode_image,
+    fast_pixels,
     image_pixels,
     image_transform,
     normalize_pixels,
@@ -175,3 +178,98 @@ def test_callers_of_the_tokenizer_cannot_change_how_questions_are_encoded(demo_d
     tok.tokenizer(["red"], padding="max_length", truncation=True, max_length=4)
     assert tok.encode(["what is the shape in the image?"]).input_ids.shape == (1, QUESTION_MAX_TOKENS)
     assert tok.encode([]).input_ids.shape == (0, QUESTION_MAX_TOKENS)
+
+
+# -- the fast upload path ----------------------------------------------------------------------------------------------
+
+def _photo_jpeg(size: tuple[int, int], mode: str = "RGB", **kw: object) -> bytes:
+    g = torch.Generator().manual_seed(size[0])
+    arr = (torch.rand(size[1] // 8, size[0] // 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+    img = Image.fromarray(arr, "RGB").resize(size, Image.Resampling.BILINEAR)  # smooth, like a photo
+    return _png(img.convert(mode), "JPEG", quality=90, **kw)
+
+
+@pytest.mark.parametrize("size, expect", [((4032, 3024), (1008, 756)), ((1632, 1224), (816, 612)),
+                                          ((640, 480), (640, 480)), ((1000, 504), (1000, 504))])
+def test_jpeg_is_decoded_at_the_smallest_scale_that_covers_the_input(size: tuple[int, int],
+                                                                     expect: tuple[int, int]) -> None:
+    img = decode_image(_photo_jpeg(size), max_pixels=10**8, min_size=504)
+    assert img.size == expect and img.mode == "RGB"
+    assert decode_image(_photo_jpeg(size), max_pixels=10**8).size == size  # exact: every pixel
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_greyscale_and_cmyk_jpegs_are_reduced_and_become_rgb(mode: str) -> None:
+    data = _photo_jpeg((2016, 1512), mode)
+    fast = decode_image(data, max_pixels=10**8, min_size=504)
+    assert fast.mode == "RGB" and fast.size == (1008, 756)
+    exact = decode_image(data, max_pixels=10**8).resize(fast.size, Image.Resampling.BICUBIC)
+    diff = (torch.from_numpy(np.asarray(fast, dtype=np.float32)) - torch.from_numpy(np.asarray(exact, np.float32)))
+    assert diff.abs().mean() < 2, mode  # the same picture (a wrong CMYK inversion would differ by ~100)
+
+
+def test_exif_orientation_is_applied_after_the_reduced_decode() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _photo_jpeg((4032, 3024), exif=exif)
+    img = decode_image(data, max_pixels=10**8, min_size=504)
+    assert img.size == (756, 1008)  # upright (portrait), and both sides still >= 504
+    up = UploadPixels(504, 10**8)
+    px = up.pixels(up.decode(data))
+    exact = UploadPixels(504, 10**8, exact=True)
+    assert px.shape == (3, 504, 504)
+    # the same upright picture (measured 1.6 on this busy test image; sideways would differ by ~50)
+    assert (px.int() - exact.pixels(exact.decode(data)).int()).abs().float().mean() < 5
+
+
+def test_the_pixel_limit_applies_before_the_reduced_decode() -> None:
+    with pytest.raises(ImageError) as e:
+        decode_image(_photo_jpeg((4032, 3024)), max_pixels=10**6, min_size=504)
+    assert e.value.code == "image_too_large"
+
+
+def test_exact_upload_path_is_the_old_path_bit_for_bit() -> None:
+    data = _photo_jpeg((1632, 1224))
+    up = UploadPixels(504, 10**8, exact=True)
+    assert torch.equal(up.pixels(up.decode(data)), image_pixels(504)(decode_image(data, max_pixels=10**8)))
+
+
+def test_fast_resize_is_pillows_bicubic_within_rounding() -> None:
+    img = decode_image(_photo_jpeg((1008, 756)), max_pixels=10**8)
+    a, b = image_pixels(504)(img).int(), fast_pixels(504)(img).int()
+    assert (a - b).abs().max() <= 2 and (a - b).abs().float().mean() < 0.05
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    ([], {}, False), (["--exact-preprocess"], {}, True), (["--exact-preprocess", "false"], {}, False),
+    ([], {"VQA_EXACT_PREPROCESS": "1"}, True), (["--exact-preprocess", "False"], {"VQA_EXACT_PREPROCESS": "1"}, False),
+])
+def test_exact_preprocess_setting(argv: list[str], env: dict[str, str], expected: bool) -> None:
+    import argparse
+
+    from vqa_async.config import Settings, add_arguments, settings_from_args
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    settings = settings_from_args(ap.parse_args(argv), env=env)
+    assert settings.exact_preprocess is expected and settings.gpu_decode is False
+    with pytest.raises(ValueError, match="exact_preprocess"):
+        Settings(exact_preprocess="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_is_upright_close_and_falls_back() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = _photo_jpeg((4032, 3024), exif=exif)
+    gpu = UploadPixels(504, 10**8, device=torch.device("cuda"))
+    small = UploadPixels(504, 10**6, device=torch.device("cuda"))
+    cpu = UploadPixels(504, 10**8, exact=True)
+    px = gpu.pixels(gpu.decode(data))
+    assert px.device.type == "cuda" and px.dtype == torch.uint8 and px.shape == (3, 504, 504)
+    assert (px.cpu().int() - cpu.pixels(cpu.decode(data)).int()).abs().float().mean() < 5
+    png = _png(Image.new("RGBA", (600, 600), (255, 0, 0, 0)))  # nvJPEG cannot: the CPU path, on the device
+    assert gpu.pixels(gpu.decode(png)).device.type == "cuda"
+    with pytest.raises(ImageError) as e:
+        small.decode(_photo_jpeg((4032, 3024)))  # the pixel limit holds before nvJPEG sees the data
+    assert e.value.code == "image_too_large"

@@ -35,6 +35,7 @@ def init_app(settings: Settings) -> web.Application:
     app.router.add_post("/vqa", handlers.vqa_legacy)
     app.router.add_get("/", page.page)
     app.router.add_post("/", page.page_post)
+    app.router.add_get("/static/page.js", page.script)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)

@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.set_defaults(func=cmd_convert)
 
     sy = sub.add_parser("synth", help="random-weight replica of mPLUG with the real shapes")
-    sy.add_argument("--preset", choices=["large", "base", "demo"], default="large")
+    sy.add_argument("--preset", choices=["large", "base", "demo", "photo504"], default="large")
     sy.add_argument("dst")
     sy.add_argument("--dtype", default="float16", choices=["float16", "float32", "bfloat16"])
     sy.add_argument("--seed", type=int, default=0)

@@ -53,6 +53,10 @@ class Settings:
         "help": "fast (cached keys/values, same answers) or reference (ModelScope's own beam search)"})
     image_cache_entries: int = field(default=512, metadata={"help": "image embeddings kept for follow-up questions"})
     image_cache_mb: float = field(default=256.0, metadata={"help": "memory bound of that cache"})
+    exact_preprocess: bool = field(default=False, metadata={
+        "help": "decode every pixel of a JPEG, as ModelScope does (default: the smallest DCT scale >= the input)"})
+    gpu_decode: bool = field(default=False, metadata={
+        "help": "on CUDA, decode JPEGs with nvJPEG and resize on the device (not yet measured on a GPU)"})
     preprocess_threads: int = field(default=0, metadata={
         "help": "threads decoding and resizing images (0: one per core, at most 8)"})
     max_preprocess_backlog: int = field(default=0, metadata={
@@ -87,6 +91,9 @@ class Settings:
             raise bad("log_level", "expected " + ", ".join(LOG_LEVELS))
         if self.loop not in ("uvloop", "asyncio"):
             raise bad("loop", "expected uvloop or asyncio")
+        for name in ("exact_preprocess", "gpu_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "expected true or false")
         if self.decoder not in ("reference", "fast"):
             raise bad("decoder", "expected reference or fast")
         if not 0 < self.port < 65536:
@@ -126,8 +133,22 @@ class Settings:
         return cls(**values)
 
 
+def parse_bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, not {raw!r}")
+
+
 def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = str(f.type)
+    if kind == "bool":
+        try:
+            return parse_bool(raw)
+        except ValueError as e:
+            raise ValueError(f"invalid setting {ENV_PREFIX}{f.name.upper()}: {e}") from None
     try:
         if kind.startswith("int"):
             return int(raw)
@@ -146,6 +167,10 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()
         kind = str(f.type)
         typ: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
         env = ENV_PREFIX + f.name.upper()
+        if kind == "bool":  # `--exact-preprocess` alone, or with a value (the cluster passes `--x False` on)
+            parser.add_argument("--" + f.name.replace("_", "-"), type=parse_bool, nargs="?", const=True, default=None,
+                                help=f"{f.metadata.get('help', '')} [env {env}, default {f.default}]")
+            continue
         parser.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None,
                             help=f"{f.metadata.get('help', '')} [env {env}, default {f.default}]")
 

@@ -10,12 +10,10 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from vqa_async.batching.cache import ImageEmbeddingCache
 from vqa_async.batching.collect import BatchCollector
@@ -25,7 +23,7 @@ from vqa_async.config import Settings
 from vqa_async.metrics import Metrics
 from vqa_async.model.answer import Answered, Answerer
 from vqa_async.model.loader import LoadedModel, load_model
-from vqa_async.model.preprocess import decode_image, image_pixels
+from vqa_async.model.preprocess import UploadPixels
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +77,7 @@ class VqaService:
                                         incoming=lambda: self._incoming)
         self._prep_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vqa-preprocess")
         self._batcher: asyncio.Task[None] | None = None
-        self._transform: Callable[[Image.Image], torch.Tensor] | None = None
+        self._upload: UploadPixels | None = None
         self._probe: asyncio.Future[None] | None = None
         self._probe_at = 0.0
 
@@ -100,7 +98,8 @@ class VqaService:
 
         await self.executor.start(load)
         assert self.loaded is not None
-        self._transform = image_pixels(self.loaded.image_res)
+        self._upload = UploadPixels(self.loaded.image_res, s.max_pixels, exact=s.exact_preprocess,
+                                    device=self.loaded.device if s.gpu_decode else None)
         self._batcher = asyncio.create_task(self._run_batches(), name="vqa-batcher")
         log.info("ready: model %s on %s, %s decoder, max batch %d questions, max wait %.1f ms, queue %d",
                  self.model_name, s.device, s.decoder, s.max_batch_size, s.max_wait_ms, s.max_queue)
@@ -206,11 +205,11 @@ class VqaService:
                        round(item.compute_s * 1000, 2), item.batch_size)
 
     def _prepare(self, image: bytes, questions: list[str]) -> Prepared:
-        assert self.loaded is not None and self._transform is not None
+        assert self.loaded is not None and self._upload is not None
         with self.metrics.stage("decode"):
-            decoded = decode_image(image, self.settings.max_pixels)
+            decoded = self._upload.decode(image)
         with self.metrics.stage("preprocess"):
             key = hashlib.sha256(image).hexdigest()
-            pixels = self._transform(decoded)
+            pixels = self._upload.pixels(decoded)
             enc = self.loaded.tokenizer.encode(questions)
         return Prepared(key, pixels, enc.input_ids, enc.attention_mask)

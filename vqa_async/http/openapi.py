@@ -56,6 +56,8 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
             "/": {"get": {"summary": "The upload page", "responses": {"200": {"description": "HTML"}}},
                   "post": {"summary": "The upload page's form post (works without JavaScript)",
                            "responses": {"200": {"description": "HTML with the answer"}}}},
+            "/static/page.js": {"get": {"summary": "The upload page's script (shrinks photos before sending them)",
+                                        "responses": {"200": {"description": "JavaScript"}}}},
             "/healthz": {"get": {"summary": "Process alive: not stuck in a model call, model thread and batcher "
                                             "running", "responses": {"200": {"description": "alive"},
                                                                      "503": _error("needs a restart")}}},

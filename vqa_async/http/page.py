@@ -1,7 +1,11 @@
-"""The upload page. With JavaScript it posts to /v1/vqa and shows the answer in place; without, the form posts
-here and the same template renders the answer."""
+"""The upload page. With JavaScript (templates/page.js, served at /static/page.js) it shrinks a large photo in
+the browser, posts it to /v1/vqa and shows the answer in place; without, the form posts the original here and the
+same template renders the answer."""
 
 from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -11,11 +15,22 @@ from vqa_async.http.handlers import ask
 from vqa_async.http.keys import SERVICE, SETTINGS
 from vqa_async.http.parse import read_vqa_input
 
+# Beside the page's template, so that the wheel carries both (pyproject.toml maps templates/ into the package).
+SCRIPT = Path(str(resources.files("vqa_async.templates"))) / "page.js"
+
 
 def _context(request: web.Request, **extra: object) -> dict[str, object]:
     s = request.app[SETTINGS]
-    return {"model": request.app[SERVICE].model_name, "max_body_mb": s.max_body_mb,
+    service = request.app[SERVICE]
+    # The script shrinks photos to 2x this on their longer side; 0 (model not loaded yet) sends them as they are.
+    image_res = service.loaded.image_res if service.loaded is not None else 0
+    return {"model": service.model_name, "max_body_mb": s.max_body_mb, "image_res": image_res,
             "max_question_chars": s.max_question_chars, **extra}
+
+
+async def script(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(SCRIPT, headers={"Content-Type": "text/javascript; charset=utf-8",
+                                             "Cache-Control": "no-cache"})
 
 
 async def page(request: web.Request) -> web.Response:

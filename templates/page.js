@@ -1,0 +1,77 @@
+// The upload page's script. Without it the form posts the original file to / and the server renders the answer.
+// With it: a preview, drag and drop, the answer shown in place (POST /v1/vqa), and a large photo shrunk in the
+// browser before it is sent: a 12 MP phone JPEG (3 MB) leaves as a JPEG of at most 2x the model's input size on
+// its longer side (a few hundred KB), upright (EXIF orientation applied), so that the upload is fast, the
+// server's decode is cheap, and a retry after a worker dies is always possible (HAProxy buffers up to 1 MiB).
+(() => {
+  const form = document.getElementById("ask");
+  const file = document.getElementById("image");
+  const drop = document.getElementById("drop");
+  const preview = document.getElementById("preview");
+  const result = document.getElementById("result");
+  const imageRes = Number(form.dataset.imageRes) || 0; // the loaded model's input size (0: not known yet)
+
+  function show(f) {
+    if (!f) return;
+    preview.src = URL.createObjectURL(f);
+    preview.style.display = "block";
+  }
+  file.addEventListener("change", () => show(file.files[0]));
+  ["dragenter", "dragover"].forEach(t => drop.addEventListener(t, e => { e.preventDefault(); drop.classList.add("over"); }));
+  ["dragleave", "drop"].forEach(t => drop.addEventListener(t, e => { e.preventDefault(); drop.classList.remove("over"); }));
+  drop.addEventListener("drop", e => {
+    if (e.dataTransfer.files.length) { file.files = e.dataTransfer.files; show(file.files[0]); }
+  });
+
+  function render(html) { result.innerHTML = html; result.hidden = false; }
+  function esc(s) { const d = document.createElement("div"); d.textContent = s; return d.innerHTML; }
+
+  // The file as it should be sent: the original when it is small enough (or cannot be read here: the server
+  // then says what is wrong with it), else a JPEG whose longer side is 2x the model's input size.
+  async function shrunk(f) {
+    if (!f || !imageRes || !window.createImageBitmap) return f;
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(f, { imageOrientation: "from-image" }); // upright, as the user sees it
+    } catch (err) {
+      return f;
+    }
+    const limit = 2 * imageRes;
+    const scale = limit / Math.max(bitmap.width, bitmap.height);
+    if (scale >= 1) { bitmap.close(); return f; }
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+    canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+    const ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#fff"; // JPEG has no alpha: transparency on white, as the server composites it
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    ctx.imageSmoothingEnabled = true;
+    ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+    bitmap.close();
+    const blob = await new Promise(resolve => canvas.toBlob(resolve, "image/jpeg", 0.9));
+    if (!blob) return f;
+    return new File([blob], f.name.replace(/\.[^.]*$/, "") + ".jpg", { type: "image/jpeg" });
+  }
+
+  form.addEventListener("submit", async e => {
+    e.preventDefault();
+    render("<p>Thinking…</p>");
+    try {
+      const body = new FormData(form);
+      const upload = await shrunk(file.files[0]);
+      if (upload) body.set("image", upload, upload.name);
+      const resp = await fetch("/v1/vqa", { method: "POST", body });
+      const reply = await resp.json();
+      if (!resp.ok) {
+        render(`<p class="error" id="error">${esc(reply.error.message)} <code>(${esc(reply.error.code)})</code></p>`);
+        return;
+      }
+      render(`<p>Answer: <span class="answer" id="answer">${esc(reply.answer)}</span></p>` +
+             `<p class="timings" id="timings">queue ${reply.queue_ms} ms · compute ${reply.compute_ms} ms · ` +
+             `batch of ${reply.batch_size}</p>`);
+    } catch (err) {
+      render(`<p class="error" id="error">${esc(String(err))}</p>`);
+    }
+  });
+})();
