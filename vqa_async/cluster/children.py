@@ -58,6 +58,8 @@ class SparePool:
         self.size = size
         self.on_change = on_change  # the supervisor records its spares' pids in state.json
         self._spares: list[asyncio.subprocess.Process] = []
+        self._ready: set[int] = set()  # pids of spares whose imports are done
+        self._watchers: set[asyncio.Task[None]] = set()
         self._filling: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -69,7 +71,8 @@ class SparePool:
     async def _fill(self, delay_s: float) -> None:
         await asyncio.sleep(delay_s)
         while not self._closed and len(self._alive()) < self.size:
-            proc = await start_child(sys.executable, "-m", "vqa_async.cluster.spare", stdin=asyncio.subprocess.PIPE)
+            proc = await start_child(sys.executable, "-m", "vqa_async.cluster.spare", stdin=asyncio.subprocess.PIPE,
+                                     stdout=asyncio.subprocess.PIPE)
             if self._closed:  # closed while it was being started
                 proc.kill()
                 await proc.wait()
@@ -77,15 +80,30 @@ class SparePool:
             self._spares.append(proc)
             log.info("warm spare started: pid %d", proc.pid)
             self.on_change()
+            watcher = asyncio.ensure_future(self._await_ready(proc))
+            self._watchers.add(watcher)  # the loop keeps only weak references to tasks
+            watcher.add_done_callback(self._watchers.discard)
+
+    async def _await_ready(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        with contextlib.suppress(Exception):
+            if (await proc.stdout.readline()).strip() == b"ready" and proc in self._spares:
+                self._ready.add(proc.pid)
+                log.info("warm spare ready: pid %d", proc.pid)
+                self.on_change()
+            await proc.stdout.read()  # EOF: it handed stdout over to stderr
 
     def _alive(self) -> list[asyncio.subprocess.Process]:
         self._spares = [p for p in self._spares if p.returncode is None]
+        self._ready &= {p.pid for p in self._spares}
+        self._spares.sort(key=lambda p: p.pid not in self._ready)  # the ready ones first
         return self._spares
 
     async def take(self, argv: list[str]) -> asyncio.subprocess.Process | None:
         """A spare running `vqa-async *argv`, or None if there is none (the caller starts one cold)."""
         while self._alive():
             proc = self._spares.pop(0)
+            self._ready.discard(proc.pid)
             assert proc.stdin is not None
             try:
                 proc.stdin.write(json.dumps(argv).encode() + b"\n")
@@ -103,6 +121,10 @@ class SparePool:
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._alive()]
+
+    @property
+    def ready_pids(self) -> list[int]:
+        return [p.pid for p in self._alive() if p.pid in self._ready]
 
     async def close(self) -> None:
         self._closed = True

@@ -1,6 +1,7 @@
 """A warm spare worker: imports what `vqa-async serve` needs, then waits for its command line on stdin.
 
     python -m vqa_async.cluster.spare        stdin: one JSON line, the `vqa-async` arguments to run
+                                             stdout: `ready` once its imports are done
 
 The supervisor keeps one waiting (see children.SparePool). Nothing is loaded onto a device before the command
 line arrives, so the spare can become a worker on any device. End of input (the supervisor retired it or
@@ -10,6 +11,7 @@ died) ends it quietly.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -21,6 +23,10 @@ def main() -> int:
     import vqa_async.model.loader  # noqa: F401  (torch, ModelScope's mPLUG, safetensors)
     from vqa_async import cli
 
+    # Tell the supervisor the imports are paid for, then hand stdout over to stderr: nobody reads the pipe after.
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     line = sys.stdin.readline()
     if not line.strip():
         return 0

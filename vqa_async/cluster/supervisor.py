@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # a worker that lived this long starts its backoff afresh
 SICK_GRACE_S = 5.0  # a worker restarted by liveness gets this long to exit on SIGTERM before SIGKILL
+TRIAL_WAIT_S = 30.0  # how long a worker that died on a model under trial waits for the reload to roll it back
 
 __all__ = ["Cluster", "ClusterOptions", "ReloadFailed", "free_port", "free_port_pair", "runtime_dir_for",
            "serve_command"]
@@ -92,6 +93,7 @@ class Restart:
     model: str | None
     grace_s: float
     done: asyncio.Future[asyncio.subprocess.Process]
+    trial: bool = False  # the model is on trial: if the process dies before ready, wait for the reload's word
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Worker:
     started_at: float = 0.0
     failures: int = 0
     restarts: int = 0
+    on_trial: tuple[str | None] | None = None  # (the previous model,) while a reload tries a model on this worker
     requests: asyncio.Queue[Restart] = field(default_factory=asyncio.Queue)
 
     @property
@@ -214,14 +217,21 @@ class Cluster:
             lived = time.monotonic() - w.started_at
             w.failures = 0 if lived > STABLE_AFTER_S else w.failures + 1
             delay = min(BACKOFF_MAX_S, 0.5 * 2 ** max(0, w.failures - 2)) if w.failures > 1 else 0.0
-            log.warning("worker %s (pid %d) ended with %s after %.1f s; restarting in %.1f s", w.name, proc.pid,
-                        proc.returncode, lived, delay)
+            if w.on_trial:  # a reload is trying a model on it: the reload decides what comes next (a rollback)
+                delay = TRIAL_WAIT_S
+            log.warning("worker %s (pid %d) ended with %s after %.1f s; %s", w.name, proc.pid, proc.returncode, lived,
+                        "the reload trying a model on it decides what next" if w.on_trial else
+                        f"restarting in {delay:.1f} s")
             request = await self._backoff(w, delay)
             if self._stopping.is_set():
                 return
             if request is not None:
                 await self._serve_request(w, request)
             else:
+                if w.on_trial:
+                    log.warning("worker %s: nobody decided after its trial; back to %s", w.name, w.on_trial[0])
+                    w.model = w.on_trial[0]
+                    w.on_trial = None
                 w.restarts += 1
                 await self._spawn(w)  # HAProxy's health check puts it back in rotation once /readyz answers
 
@@ -242,6 +252,7 @@ class Cluster:
         try:
             if w.proc is not None:
                 await _stop_process(w.proc, request.grace_s, f"worker {w.name}")
+            w.on_trial = (w.model,) if request.trial else None
             w.model = request.model
             w.failures = 0
             proc = await self._spawn(w)
@@ -252,9 +263,10 @@ class Cluster:
         if not request.done.done():
             request.done.set_result(proc)
 
-    async def _restart(self, w: Worker, model: str | None, grace_s: float) -> asyncio.subprocess.Process:
+    async def _restart(self, w: Worker, model: str | None, grace_s: float,
+                       trial: bool = False) -> asyncio.subprocess.Process:
         """Asks w's owner to replace its process (onto `model`); returns the new process once it is spawned."""
-        request = Restart(model, grace_s, asyncio.get_running_loop().create_future())
+        request = Restart(model, grace_s, asyncio.get_running_loop().create_future(), trial)
         w.requests.put_nowait(request)
         return await request.done
 
@@ -310,7 +322,7 @@ class Cluster:
             "pid": os.getpid(), "port": self.opt.port, "model": self.good_model,
             "admin_socket": str(self.admin_socket),
             "haproxy_pid": self.haproxy.pid if self.haproxy else None,
-            "spare_pids": self.spares.pids,
+            "spare_pids": self.spares.pids, "spares_ready": self.spares.ready_pids,
             "workers": [{"name": w.name, "port": w.port, "device": w.device, "model": w.model,
                          "pid": w.proc.pid if w.proc else None, "restarts": w.restarts} for w in self.workers]})
 
@@ -327,9 +339,10 @@ class Cluster:
                 previous = w.model
                 await self.api.set_state(w.name, "drain")
                 await self._wait_idle(w, timeout=self.serve.timeout_s + 5)
-                proc = await self._restart(w, target, self.serve.shutdown_timeout_s + 5)
+                proc = await self._restart(w, target, self.serve.shutdown_timeout_s + 5, trial=True)
                 try:
                     await self._wait_ready(w, proc, self.opt.ready_timeout_s)
+                    w.on_trial = None
                 except ReloadFailed as e:
                     log.error("reload stopped: %s; worker %s goes back to %s", e, w.name, previous or "demo")
                     proc = await self._restart(w, previous, SICK_GRACE_S)
