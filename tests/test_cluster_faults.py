@@ -44,26 +44,6 @@ WORKER_HEALTH = "stuck_timeout_s" in {f.name for f in dataclasses.fields(Setting
 STUCK_TIMEOUT_S = 4.0
 
 
-def test_sigterm_answers_everything_in_flight_then_exits_0(tmp_path: Path, demo_dir: Path) -> None:
-    cl = start_cluster(tmp_path, demo_dir)
-    pids = cluster_pids(cl)
-
-    async def scenario() -> list:  # type: ignore[type-arg]
-        load = asyncio.create_task(run_load(cl.url + "/v1/vqa", easy_vqa_requests(120), concurrency=120))
-        await asyncio.sleep(0.3)
-        cl.proc.send_signal(signal.SIGTERM)
-        return await load
-
-    try:
-        results = asyncio.run(scenario())
-        assert Counter(r.status for r in results) == {200: 120}, [r.error for r in results if r.status != 200][:3]
-        assert cl.proc.wait(timeout=90) == 0
-        assert all(gone(p) for p in pids)
-    finally:
-        if cl.proc.poll() is None:
-            cl.proc.kill()
-
-
 def test_a_sigkilled_supervisor_takes_its_children_along(tmp_path: Path, demo_dir: Path) -> None:
     cl = start_cluster(tmp_path, demo_dir, workers=1)
     end = time.monotonic() + 60
@@ -99,7 +79,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path, faults: Pa
     cl = start_cluster(tmp_path_factory.mktemp("cluster"), demo_dir, *extra, env=faulty_env(faults))
     yield cl
     set_faults(faults, {})
-    stop_cluster(cl)
+    if cl.proc.poll() is None:  # the graceful stop test stops it itself
+        stop_cluster(cl)
 
 
 def worker_model(port: int) -> str:
@@ -220,3 +201,24 @@ def test_a_hung_model_thread_gets_its_worker_restarted(cluster: RunningCluster, 
     end = time.monotonic() + 120
     while not cluster.all_up() and time.monotonic() < end:
         time.sleep(0.2)
+
+
+def test_sigterm_answers_everything_in_flight_then_exits_0(cluster: RunningCluster) -> None:
+    # Last in this file: it stops the shared cluster.
+    cl = cluster
+    pids = cluster_pids(cl)
+
+    async def scenario() -> list:  # type: ignore[type-arg]
+        load = asyncio.create_task(run_load(cl.url + "/v1/vqa", easy_vqa_requests(120), concurrency=120))
+        await asyncio.sleep(0.3)
+        cl.proc.send_signal(signal.SIGTERM)
+        return await load
+
+    try:
+        results = asyncio.run(scenario())
+        assert Counter(r.status for r in results) == {200: 120}, [r.error for r in results if r.status != 200][:3]
+        assert cl.proc.wait(timeout=90) == 0
+        assert all(gone(p) for p in pids)
+    finally:
+        if cl.proc.poll() is None:
+            cl.proc.kill()

@@ -17,17 +17,17 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from vqa_async.cluster import haproxy
+from vqa_async.cluster import haproxy, reload
 from vqa_async.cluster.children import SparePool, start_child
 from vqa_async.cluster.liveness import Liveness
-from vqa_async.cluster.runtime import prepare_dir, read_json, runtime_dir_for, write_atomic, write_json
+from vqa_async.cluster.reload import ReloadFailed
+from vqa_async.cluster.runtime import prepare_dir, runtime_dir_for, write_atomic, write_json
 from vqa_async.config import Settings
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,6 @@ class ClusterOptions:
     spares: int = 1  # warm pre-imported processes waiting to replace a dead worker
     max_conn_per_source: int = 256  # 0: no limit
     rate_limit_per_source: float = 0.0  # requests/s per client address over 10 s; 0: no limit
-
-
-class ReloadFailed(RuntimeError):
-    pass
 
 
 @dataclass
@@ -326,77 +322,9 @@ class Cluster:
             "workers": [{"name": w.name, "port": w.port, "device": w.device, "model": w.model,
                          "pid": w.proc.pid if w.proc else None, "restarts": w.restarts} for w in self.workers]})
 
-    # -- rolling reload ---------------------------------------------------------------------------------------
+    # -- rolling reload (reload.py) ------------------------------------------------------------------------------
     async def rolling_reload(self, model: str | None = None) -> None:
-        """Each worker in turn: drain, restart (onto `model`), wait ready, re-enable. Raises ReloadFailed if a
-        worker never becomes ready: that worker goes back to its previous model and the reload stops."""
-        async with self._reloading:
-            target = model or self.good_model
-            log.info("rolling reload of %d workers%s", len(self.workers), f" onto {model}" if model else "")
-            for w in self.workers:
-                if self._stopping.is_set():
-                    raise ReloadFailed("the cluster is stopping")
-                previous = w.model
-                await self.api.set_state(w.name, "drain")
-                await self._wait_idle(w, timeout=self.serve.timeout_s + 5)
-                proc = await self._restart(w, target, self.serve.shutdown_timeout_s + 5, trial=True)
-                try:
-                    await self._wait_ready(w, proc, self.opt.ready_timeout_s)
-                    w.on_trial = None
-                except ReloadFailed as e:
-                    log.error("reload stopped: %s; worker %s goes back to %s", e, w.name, previous or "demo")
-                    proc = await self._restart(w, previous, SICK_GRACE_S)
-                    with contextlib.suppress(ReloadFailed):
-                        await self._wait_ready(w, proc, self.opt.ready_timeout_s)
-                    await self.api.set_state(w.name, "ready")
-                    raise ReloadFailed(f"{e} on {target or 'the demo model'}; it is back on "
-                                       f"{previous or 'the demo model'} and the reload stopped") from None
-                self.good_model = target  # ready on it: a worker that dies from now on restarts onto it
-                self.serve = self.serve.replace(model=target)
-                await self.api.set_state(w.name, "ready")
-                await self._wait_up(w, timeout=10)
-                self._write_state()
-                log.info("worker %s reloaded", w.name)
-            log.info("rolling reload done")
-
-    async def _wait_row(self, w: Worker, done: Callable[[dict[str, str]], bool], timeout: float) -> bool:
-        """Polls HAProxy's stats row of `w` until `done(row)`; False if `timeout` passes first."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if done((await self.api.stats()).get(w.name, {})):
-                return True
-            await asyncio.sleep(0.1)
-        return False
-
-    async def _wait_idle(self, w: Worker, timeout: float) -> None:
-        if not await self._wait_row(w, lambda row: int(row.get("scur") or 0) == 0 and int(row.get("qcur") or 0) == 0,
-                                    timeout):
-            log.warning("worker %s still busy after %.0fs of draining", w.name, timeout)
-
-    async def _wait_up(self, w: Worker, timeout: float) -> None:
-        await self._wait_row(w, lambda row: row.get("status", "").startswith("UP"), timeout)
-
-    async def _reload_from_requests(self) -> None:
-        """SIGHUP: serves each `cluster reload` request waiting in the runtime directory, or a plain reload."""
-        requests = sorted(self.runtime_dir.glob("reload-request-*.json"), key=lambda p: p.stat().st_mtime)
-        if not requests:
-            with contextlib.suppress(Exception):
-                await self.rolling_reload()
-            return
-        for path in requests:
-            request: dict[str, Any] = {}
-            try:
-                request = read_json(path)
-                path.unlink()
-                await self.rolling_reload(request.get("model"))
-                result = {"id": request.get("id"), "ok": True, "model": self.good_model}
-            except ReloadFailed as e:
-                result = {"id": request.get("id"), "ok": False, "reason": str(e), "model": self.good_model}
-            except Exception as e:  # a bug or HAProxy's runtime API failing: the log has the traceback
-                log.exception("rolling reload failed")
-                result = {"id": request.get("id"), "ok": False, "reason": str(e), "model": self.good_model}
-            if request.get("id"):
-                write_json(self.runtime_dir / f"reload-result-{request['id']}.json", result)
+        await reload.rolling_reload(self, model)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
     def _on_stop_signal(self) -> None:
@@ -409,7 +337,7 @@ class Cluster:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._keep(self._reload_from_requests()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._keep(reload.serve_requests(self)))
         self._session = aiohttp.ClientSession()
         try:
             cfg = self._render()
