@@ -138,7 +138,8 @@ class Cluster:
         devices = options.devices or [serve.device]
         self.workers = [Worker(i, free_port(), devices[i % len(devices)], serve.model)
                         for i in range(options.workers)]
-        self.spares = SparePool(options.spares, on_change=self._write_state)
+        # A spare only replaces local workers: none for a front whose workers all run elsewhere.
+        self.spares = SparePool(options.spares if self.workers else 0, on_change=self._write_state)
         self.haproxy: asyncio.subprocess.Process | None = None
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()
