@@ -25,6 +25,9 @@ from pathlib import Path
 import aiohttp
 
 POLL_S = 1.0
+# Until it is first seen ready: a sick process may be ready for a moment only (HAProxy sends it traffic as soon as
+# its check passes, and a few failed requests make it unready), and "unready after ready" must not miss that.
+FIRST_READY_POLL_S = 0.2
 PROBE_TIMEOUT_S = 2.0
 HEALTHZ_FAILURES = 2
 
@@ -62,6 +65,9 @@ class Liveness:
     unready_since: float | None = None
     health_errors: int = 0
 
+    def __post_init__(self) -> None:
+        self.alive_seen = self.alive_seen or self.ready_seen
+
     def observe(self, healthz: int | None, readyz: int | None, now: float) -> str | None:
         if healthz == 200:
             self.alive_seen, self.silent_since, self.health_errors = True, None, 0
@@ -92,7 +98,7 @@ class Liveness:
         """Polls until the worker should be restarted; returns why."""
         base = f"http://127.0.0.1:{self.port}"
         while True:
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(POLL_S if self.ready_seen else FIRST_READY_POLL_S)
             if is_stopped(self.pid):
                 self.paused()
                 continue

@@ -102,6 +102,7 @@ class Worker:
     started_at: float = 0.0
     failures: int = 0
     restarts: int = 0
+    seen_ready_pid: int | None = None  # the last process `_wait_ready` saw answer /readyz 200
     on_trial: tuple[str | None] | None = None  # (the previous model,) while a reload tries a model on this worker
     requests: asyncio.Queue[Restart] = field(default_factory=asyncio.Queue)
 
@@ -269,8 +270,9 @@ class Cluster:
 
     async def _liveness(self, w: Worker, proc: asyncio.subprocess.Process) -> str:
         assert self._session is not None
+        # A process the supervisor itself saw ready (at start, in a reload) counts as having been ready.
         return await Liveness(w.port, proc.pid, self.opt.unready_restart_s, self.opt.ready_timeout_s,
-                              w.started_at).watch(self._session)
+                              w.started_at, ready_seen=w.seen_ready_pid == proc.pid).watch(self._session)
 
     async def _wait_ready(self, w: Worker, proc: asyncio.subprocess.Process, timeout: float) -> None:
         """Until `proc` (w's process) answers /readyz 200; raises ReloadFailed if it exits, is replaced, or the
@@ -287,6 +289,7 @@ class Cluster:
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                     async with session.get(url) as r:
                         if r.status == 200:
+                            w.seen_ready_pid = proc.pid
                             return
                 await asyncio.sleep(0.2)
         raise ReloadFailed(f"worker {w.name} not ready within {timeout:.0f} s")
