@@ -62,22 +62,40 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
                           devices=[d for d in (args.devices or "").split(",") if d], backends=remote,
                           backend_dns=dns, queue_timeout_s=args.queue_timeout_s, server_maxconn=args.server_maxconn,
                           runtime_dir=Path(args.runtime_dir) if args.runtime_dir else None,
-                          haproxy_log=args.haproxy_log, retry_body_bytes=args.retry_body_kb * 1024)
+                          haproxy_log=args.haproxy_log, retry_body_bytes=args.retry_body_kb * 1024,
+                          ready_timeout_s=args.ready_timeout_s, unready_restart_s=args.unready_restart_s,
+                          spares=args.spares, max_conn_per_source=args.max_conn_per_source,
+                          rate_limit_per_source=args.rate_limit_per_source)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
-    from vqa_async.cluster.supervisor import Cluster, request_reload
+    from vqa_async.cluster.control import NoCluster, request_reload
+    from vqa_async.cluster.runtime import RuntimeDirError
+    from vqa_async.cluster.supervisor import Cluster
     from vqa_async.config import settings_from_args
 
     if args.action == "reload":
-        pid = request_reload(args.port, args.model, Path(args.runtime_dir) if args.runtime_dir else None)
-        print(f"asked the cluster (pid {pid}) on port {args.port} for a rolling reload")
+        try:
+            outcome = request_reload(args.port, args.model, Path(args.runtime_dir) if args.runtime_dir else None,
+                                     wait_s=args.wait_s)
+        except (NoCluster, RuntimeDirError) as e:
+            print(f"vqa-async cluster reload: error: {e}", file=sys.stderr)
+            return 2
+        if not outcome.ok:
+            print(f"vqa-async cluster reload: failed: {outcome.reason}", file=sys.stderr)
+            return 1
+        print(f"cluster (pid {outcome.pid}) on port {args.port} reloaded: every worker runs "
+              f"{outcome.model or 'the demo model'}")
         return 0
     settings = settings_from_args(args)
-    return asyncio.run(Cluster(cluster_options(args), settings).run())
+    try:
+        return asyncio.run(Cluster(cluster_options(args), settings).run())
+    except RuntimeDirError as e:
+        print(f"vqa-async cluster: error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -163,7 +181,24 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--retry-body-kb", type=_at_least(16), default=1024,
                     help="uploads up to this size are retried on another worker if theirs dies (HAProxy buffers "
                          "them; a bigger buffer costs HAProxy more CPU per request)")
-    cl.add_argument("--runtime-dir", default=None, help="where haproxy.cfg, its socket and state.json live")
+    cl.add_argument("--runtime-dir", default=None,
+                    help="where haproxy.cfg, its socket and state.json live (default /tmp/vqa-async-cluster-PORT; "
+                         "created 0700, refused if another user owns it or others may write it)")
+    cl.add_argument("--ready-timeout-s", type=float, default=300.0,
+                    help="a worker not ready this long after its start is restarted; a reload onto a model no "
+                         "worker gets ready on within it is rolled back")
+    cl.add_argument("--unready-restart-s", type=float, default=10.0,
+                    help="liveness: restart a worker whose /readyz fails this long after it was ready, or whose "
+                         "/healthz does not answer this long")
+    cl.add_argument("--spares", type=_at_least(0), default=1,
+                    help="warm pre-imported processes kept waiting to replace a dead worker in seconds (0: none)")
+    cl.add_argument("--max-conn-per-source", type=_at_least(0), default=256,
+                    help="connections one client address may hold open; more get 429 (0: no limit)")
+    cl.add_argument("--rate-limit-per-source", type=float, default=0.0,
+                    help="requests per second one client address may send, averaged over 10 s; more get 429 "
+                         "(0: no limit)")
+    cl.add_argument("--wait-s", type=float, default=900.0,
+                    help="reload: how long to wait for the outcome")
     add_arguments(cl, exclude=("host", "port", "unix_socket", "log_level"))
     cl.set_defaults(func=cmd_cluster)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import jinja2
 
+from vqa_async.cluster.children import start_child
 from vqa_async.http.errors import error_body
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ EDGE_ERRORS = [
     (400, "bad_request", "the request is malformed", None),
     (408, "request_timeout", "the request did not arrive in time", None),
     (413, "body_too_large", "the request body is larger than allowed", None),
+    (429, "too_many_requests", "too many connections or requests from your address; retry shortly", 1),
     (502, "bad_gateway", "a worker answered with something that is not HTTP", None),
     (503, "overloaded", "no worker could take the request in time; retry shortly", 1),
     (504, "timeout", "no worker answered in time", None),
@@ -36,6 +38,7 @@ EDGE_ERRORS = [
 RETRYABLE_BODY_BYTES = 1 << 20
 MAXREWRITE = 8192  # buffer room HAProxy keeps for rewriting headers
 HEADERS_ROOM = 16384  # the request's own headers, beside the body
+RATE_WINDOW_S = 10
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ class Server:
 def render(servers: list[Server], *, host: str, port: int, stats_host: str, stats_port: int, admin_socket: Path,
            max_body_bytes: int, server_maxconn: int, queue_timeout_s: float, server_timeout_s: float,
            client_timeout_s: float = 30.0, check_interval_ms: int = 500, maxconn: int = 4096,
-           log: bool = False, retry_body_bytes: int = RETRYABLE_BODY_BYTES, **remote: Any) -> str:
+           log: bool = False, retry_body_bytes: int = RETRYABLE_BODY_BYTES, hard_stop_after_s: float = 45.0,
+           max_conn_per_source: int = 0, rate_limit_per_source: float = 0.0,
+           **remote: Any) -> str:
     """`remote`: the remote workers' variables, from vqa_async.cluster.backends.template_vars."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
@@ -57,7 +62,9 @@ def render(servers: list[Server], *, host: str, port: int, stats_host: str, stat
         queue_timeout_s=queue_timeout_s, server_timeout_s=server_timeout_s, client_timeout_s=client_timeout_s,
         check_interval_ms=check_interval_ms, maxconn=maxconn, maxrewrite=MAXREWRITE,
         bufsize=retry_body_bytes + MAXREWRITE + HEADERS_ROOM,
-        log=log, **remote,
+        log=log, **remote, hard_stop_after_ms=int(hard_stop_after_s * 1000), max_conn_per_source=max_conn_per_source,
+        # The rate is counted over 10 s, so that a short burst of a well-behaved client is not refused.
+        rate_window_s=RATE_WINDOW_S, max_requests_per_window=int(rate_limit_per_source * RATE_WINDOW_S),
         errors=[(status, json.dumps(error_body(code, message), separators=(",", ":")), retry_after)
                 for status, code, message, retry_after in EDGE_ERRORS])
 
@@ -82,9 +89,9 @@ async def check_config(path: Path) -> None:
 
 
 async def start(path: Path) -> asyncio.subprocess.Process:
-    """HAProxy in the foreground (-db), so that it is our child and dies with us."""
+    """HAProxy in the foreground (-db), so that it is our child and dies with us (even by SIGKILL)."""
     await check_config(path)
-    return await asyncio.create_subprocess_exec(haproxy_binary(), "-db", "-f", str(path))
+    return await start_child(haproxy_binary(), "-db", "-f", str(path))
 
 
 class RuntimeApi:

@@ -1,37 +1,45 @@
-"""`vqa-async cluster`: N `vqa-async serve` workers behind HAProxy, restarted when they die, reloaded one at a time.
+"""`vqa-async cluster`: N `vqa-async serve` workers behind HAProxy, kept alive, reloaded one at a time.
 
     start workers -> wait until each is ready -> render haproxy.cfg -> start HAProxy -> supervise
-    SIGHUP: rolling reload (drain through the runtime API, restart, re-enable), optionally onto a new model
-    SIGTERM / SIGINT: stop HAProxy, then the workers (each answers what it holds), leaving no process behind
+    each worker: one task owns its process (restart on exit or failed liveness, or when a reload asks)
+    SIGHUP: rolling reload (drain through the runtime API, restart, re-enable), onto a new model if asked;
+            if the first worker never becomes ready on it, it goes back to the last good model and the reload stops
+    SIGTERM / SIGINT: HAProxy's soft stop (it answers what it holds), then the workers drain; a second one forces
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from vqa_async.cluster import haproxy
+from vqa_async.cluster import haproxy, reload
 from vqa_async.cluster.backends import DnsBackends, template_vars
+from vqa_async.cluster.children import SparePool, start_child
+from vqa_async.cluster.liveness import Liveness
+from vqa_async.cluster.reload import ReloadFailed
+from vqa_async.cluster.runtime import prepare_dir, runtime_dir_for, write_atomic, write_json
 from vqa_async.config import Settings
 
 log = logging.getLogger(__name__)
 
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # a worker that lived this long starts its backoff afresh
+SICK_GRACE_S = 5.0  # a worker restarted by liveness gets this long to exit on SIGTERM before SIGKILL
+TRIAL_WAIT_S = 30.0  # how long a worker that died on a model under trial waits for the reload to roll it back
+
+__all__ = ["Cluster", "ClusterOptions", "ReloadFailed", "free_port", "free_port_pair", "runtime_dir_for",
+           "serve_command"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -47,10 +55,6 @@ def free_port_pair(host: str = "127.0.0.1") -> int:
         with contextlib.suppress(OSError), socket.socket() as s:
             s.bind((host, port + 1))
             return port
-
-
-def runtime_dir_for(port: int) -> Path:
-    return Path(tempfile.gettempdir()) / f"vqa-async-cluster-{port}"
 
 
 def serve_command() -> list[str]:
@@ -74,6 +78,20 @@ class ClusterOptions:
     ready_timeout_s: float = 300.0
     haproxy_log: bool = False
     retry_body_bytes: int = haproxy.RETRYABLE_BODY_BYTES  # uploads up to this size survive a dying worker
+    unready_restart_s: float = 10.0  # liveness: restart a worker unready (or silent) this long
+    spares: int = 1  # warm pre-imported processes waiting to replace a dead worker
+    max_conn_per_source: int = 256  # 0: no limit
+    rate_limit_per_source: float = 0.0  # requests/s per client address over 10 s; 0: no limit
+
+
+@dataclass
+class Restart:
+    """A request to a worker's owner: replace the process, onto `model`; `done` is set once it is spawned."""
+
+    model: str | None
+    grace_s: float
+    done: asyncio.Future[asyncio.subprocess.Process]
+    trial: bool = False  # the model is on trial: if the process dies before ready, wait for the reload's word
 
 
 @dataclass
@@ -81,32 +99,57 @@ class Worker:
     index: int
     port: int
     device: str
+    model: str | None  # what this worker loads; a reload changes it, a crash restart keeps it
     proc: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     failures: int = 0
-    expected_exit: bool = False
+    restarts: int = 0
+    seen_ready_pid: int | None = None  # the last process `_wait_ready` saw answer /readyz 200
+    on_trial: tuple[str | None] | None = None  # (the previous model,) while a reload tries a model on this worker
+    requests: asyncio.Queue[Restart] = field(default_factory=asyncio.Queue)
 
     @property
     def name(self) -> str:
         return f"w{self.index}"
 
 
+async def _stop_process(proc: asyncio.subprocess.Process, grace_s: float, what: str) -> None:
+    """SIGTERM (a worker answers what it holds, then exits), SIGKILL after `grace_s`."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), grace_s)
+    except TimeoutError:
+        log.warning("%s (pid %d) did not stop in %.0f s; killing it", what, proc.pid, grace_s)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
 class Cluster:
     def __init__(self, options: ClusterOptions, serve: Settings) -> None:
         self.opt = options
-        self.serve = serve  # a rolling reload onto a new directory replaces its `model`
+        self.serve = serve
+        self.good_model = serve.model  # the last model every worker was ready on: where failures go back to
         self.stats_port = options.stats_port or options.port + 1
         # Absolute: HAProxy reads a relative `stats socket` path as host:port and refuses the config.
-        self.runtime_dir = (options.runtime_dir or runtime_dir_for(options.port)).resolve()
-        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        self.runtime_dir = prepare_dir(options.runtime_dir or runtime_dir_for(options.port))
         self.admin_socket = self.runtime_dir / "haproxy.sock"
         self.api = haproxy.RuntimeApi(self.admin_socket)
         devices = options.devices or [serve.device]
-        self.workers = [Worker(i, free_port(), devices[i % len(devices)]) for i in range(options.workers)]
+        self.workers = [Worker(i, free_port(), devices[i % len(devices)], serve.model)
+                        for i in range(options.workers)]
+        # A spare only replaces local workers: none for a front whose workers all run elsewhere.
+        self.spares = SparePool(options.spares if self.workers else 0, on_change=self._write_state)
         self.haproxy: asyncio.subprocess.Process | None = None
         self._stopping = asyncio.Event()
+        self._forced = asyncio.Event()
         self._reloading = asyncio.Lock()
+        self._owners: list[asyncio.Task[None]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._session: aiohttp.ClientSession | None = None
 
     # -- workers ----------------------------------------------------------------------------------------------
     def _torch_threads(self) -> int:
@@ -117,71 +160,143 @@ class Cluster:
         return max(1, (os.cpu_count() or 1) // max(1, len(on_cpu)))
 
     # Set per worker; every other serve setting is passed on as it is.
-    PER_WORKER = frozenset({"host", "port", "unix_socket", "device", "torch_threads", "log_level"})
+    PER_WORKER = frozenset({"host", "port", "unix_socket", "device", "torch_threads", "log_level", "model"})
 
     def _worker_args(self, w: Worker) -> list[str]:
-        args = serve_command() + ["--log-level", self.serve.log_level, "serve", "--host", "127.0.0.1",
-                                  "--port", str(w.port), "--device", w.device,
-                                  "--torch-threads", str(self._torch_threads())]
+        """`vqa-async` arguments (after the program) of worker `w`."""
+        args = ["--log-level", self.serve.log_level, "serve", "--host", "127.0.0.1", "--port", str(w.port),
+                "--device", w.device, "--torch-threads", str(self._torch_threads())]
+        if w.model is not None:
+            args += ["--model", w.model]
         for f in fields(self.serve):
             value = getattr(self.serve, f.name)
             if f.name not in self.PER_WORKER and value is not None:
                 args += ["--" + f.name.replace("_", "-"), str(value)]
         return args
 
-    async def _spawn(self, w: Worker) -> None:
-        w.expected_exit = False
-        w.proc = await asyncio.create_subprocess_exec(*self._worker_args(w))
+    async def _spawn(self, w: Worker, warm: bool = True) -> asyncio.subprocess.Process:
+        """Starts w's process: a warm spare if one waits, otherwise a fresh interpreter. Only w's owner (and the
+        first start, before owners exist) calls this, so a worker never has two processes."""
+        args = self._worker_args(w)
+        proc = await self.spares.take(args) if warm else None
+        how = "warm spare" if proc else "cold"
+        if proc is None:
+            proc = await start_child(*serve_command(), *args)
+        w.proc = proc
         w.started_at = time.monotonic()
-        log.info("worker %s started: pid %d, port %d, %s", w.name, w.proc.pid, w.port, w.device)
+        log.info("worker %s started (%s): pid %d, port %d, %s, model %s", w.name, how, proc.pid, w.port, w.device,
+                 w.model or "demo")
         self._write_state()
+        return proc
 
-    async def _wait_ready(self, w: Worker, timeout: float) -> None:
+    async def _own(self, w: Worker) -> None:
+        """The one task that owns w's process: restarts it when it exits or fails liveness (with exponential
+        backoff if it keeps failing), and replaces it when a reload asks (`_restart`)."""
+        while not self._stopping.is_set():
+            assert w.proc is not None
+            proc = w.proc
+            waits: dict[str, asyncio.Future[Any]] = {
+                "exit": asyncio.ensure_future(proc.wait()),
+                "request": asyncio.ensure_future(w.requests.get()),
+                "stop": asyncio.ensure_future(self._stopping.wait()),
+                "sick": asyncio.ensure_future(self._liveness(w, proc)),
+            }
+            try:
+                await asyncio.wait(waits.values(), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in waits.values():
+                    t.cancel()
+            if waits["request"].done() and not waits["request"].cancelled():
+                await self._serve_request(w, waits["request"].result())
+                continue
+            if self._stopping.is_set():
+                return
+            if waits["sick"].done() and not waits["sick"].cancelled() and proc.returncode is None:
+                log.warning("worker %s (pid %d) restarted: %s", w.name, proc.pid, waits["sick"].result())
+                await _stop_process(proc, min(SICK_GRACE_S, self.serve.shutdown_timeout_s), f"worker {w.name}")
+            lived = time.monotonic() - w.started_at
+            w.failures = 0 if lived > STABLE_AFTER_S else w.failures + 1
+            delay = min(BACKOFF_MAX_S, 0.5 * 2 ** max(0, w.failures - 2)) if w.failures > 1 else 0.0
+            if w.on_trial:  # a reload is trying a model on it: the reload decides what comes next (a rollback)
+                delay = TRIAL_WAIT_S
+            log.warning("worker %s (pid %d) ended with %s after %.1f s; %s", w.name, proc.pid, proc.returncode, lived,
+                        "the reload trying a model on it decides what next" if w.on_trial else
+                        f"restarting in {delay:.1f} s")
+            request = await self._backoff(w, delay)
+            if self._stopping.is_set():
+                return
+            if request is not None:
+                await self._serve_request(w, request)
+            else:
+                if w.on_trial:
+                    log.warning("worker %s: nobody decided after its trial; back to %s", w.name, w.on_trial[0])
+                    w.model = w.on_trial[0]
+                    w.on_trial = None
+                w.restarts += 1
+                await self._spawn(w)  # HAProxy's health check puts it back in rotation once /readyz answers
+
+    async def _backoff(self, w: Worker, delay: float) -> Restart | None:
+        """Waits `delay`, or less if the cluster stops or a reload asks for a restart (returned)."""
+        if delay <= 0:
+            return None
+        get = asyncio.ensure_future(w.requests.get())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([get, stop], timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            get.cancel()
+            stop.cancel()
+        return get.result() if get.done() and not get.cancelled() else None
+
+    async def _serve_request(self, w: Worker, request: Restart) -> None:
+        try:
+            if w.proc is not None:
+                await _stop_process(w.proc, request.grace_s, f"worker {w.name}")
+            w.on_trial = (w.model,) if request.trial else None
+            w.model = request.model
+            w.failures = 0
+            proc = await self._spawn(w)
+        except BaseException as e:
+            if not request.done.done():
+                request.done.set_exception(e if isinstance(e, Exception) else RuntimeError("cancelled"))
+            raise
+        if not request.done.done():
+            request.done.set_result(proc)
+
+    async def _restart(self, w: Worker, model: str | None, grace_s: float,
+                       trial: bool = False) -> asyncio.subprocess.Process:
+        """Asks w's owner to replace its process (onto `model`); returns the new process once it is spawned."""
+        request = Restart(model, grace_s, asyncio.get_running_loop().create_future(), trial)
+        w.requests.put_nowait(request)
+        return await request.done
+
+    async def _liveness(self, w: Worker, proc: asyncio.subprocess.Process) -> str:
+        assert self._session is not None
+        # A process the supervisor itself saw ready (at start, in a reload) counts as having been ready.
+        return await Liveness(w.port, proc.pid, self.opt.unready_restart_s, self.opt.ready_timeout_s,
+                              w.started_at, ready_seen=w.seen_ready_pid == proc.pid).watch(self._session)
+
+    async def _wait_ready(self, w: Worker, proc: asyncio.subprocess.Process, timeout: float) -> None:
+        """Until `proc` (w's process) answers /readyz 200; raises ReloadFailed if it exits, is replaced, or the
+        timeout passes first."""
         end = time.monotonic() + timeout
         url = f"http://127.0.0.1:{w.port}/readyz"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             while time.monotonic() < end:
-                if w.proc is None or w.proc.returncode is not None:
-                    raise RuntimeError(f"worker {w.name} exited with {w.proc.returncode if w.proc else '?'} "
-                                       "before it was ready")
+                if proc.returncode is not None:
+                    raise ReloadFailed(f"worker {w.name} exited with {proc.returncode} before it was ready "
+                                       "(its error is in the cluster's log)")
+                if w.proc is not proc:
+                    raise ReloadFailed(f"worker {w.name} was replaced before it was ready")
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                     async with session.get(url) as r:
                         if r.status == 200:
+                            w.seen_ready_pid = proc.pid
                             return
                 await asyncio.sleep(0.2)
-        raise TimeoutError(f"worker {w.name} not ready within {timeout:.0f}s")
+        raise ReloadFailed(f"worker {w.name} not ready within {timeout:.0f} s")
 
-    async def _stop_worker(self, w: Worker, timeout: float) -> None:
-        if w.proc is None or w.proc.returncode is not None:
-            return
-        w.expected_exit = True
-        w.proc.terminate()  # SIGTERM: it answers what it holds, then exits
-        try:
-            await asyncio.wait_for(w.proc.wait(), timeout)
-        except TimeoutError:
-            log.warning("worker %s did not stop in %.0fs; killing it", w.name, timeout)
-            w.proc.kill()
-            await w.proc.wait()
-
-    async def _watch(self, w: Worker) -> None:
-        """Restarts the worker whenever it exits unexpectedly, with exponential backoff if it keeps dying."""
-        while not self._stopping.is_set():
-            assert w.proc is not None
-            code = await w.proc.wait()
-            if self._stopping.is_set() or w.expected_exit:
-                return
-            lived = time.monotonic() - w.started_at
-            w.failures = 0 if lived > STABLE_AFTER_S else w.failures + 1
-            delay = min(BACKOFF_MAX_S, 0.5 * 2 ** max(0, w.failures - 1)) if w.failures else 0.0
-            log.warning("worker %s (pid %d) exited with %s after %.1fs; restarting in %.1fs", w.name, w.proc.pid,
-                        code, lived, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            if self._stopping.is_set():
-                return
-            await self._spawn(w)  # HAProxy's health check puts it back in rotation once /readyz answers
-
-    def _keep(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _keep(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -196,72 +311,58 @@ class Cluster:
             server_maxconn=self.opt.server_maxconn or 2 * self.serve.max_batch_size,
             queue_timeout_s=self.opt.queue_timeout_s, server_timeout_s=self.serve.timeout_s + 5,
             log=self.opt.haproxy_log, retry_body_bytes=self.opt.retry_body_bytes,
+            hard_stop_after_s=self.serve.timeout_s + self.opt.queue_timeout_s + 10,
+            max_conn_per_source=self.opt.max_conn_per_source,
+            rate_limit_per_source=self.opt.rate_limit_per_source,
             **template_vars(self.opt.backends, self.opt.backend_dns))
         path = self.runtime_dir / "haproxy.cfg"
-        path.write_text(cfg)
+        write_atomic(path, cfg)
         return path
 
     def _write_state(self) -> None:
-        state = {"pid": os.getpid(), "port": self.opt.port, "model": self.serve.model,
-                 "admin_socket": str(self.admin_socket),
-                 "haproxy_pid": self.haproxy.pid if self.haproxy else None,
-                 "workers": [{"name": w.name, "port": w.port, "device": w.device,
-                              "pid": w.proc.pid if w.proc else None} for w in self.workers]}
-        tmp = self.runtime_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(self.runtime_dir / "state.json")
+        write_json(self.runtime_dir / "state.json", {
+            "pid": os.getpid(), "port": self.opt.port, "model": self.good_model,
+            "admin_socket": str(self.admin_socket),
+            "haproxy_pid": self.haproxy.pid if self.haproxy else None,
+            "spare_pids": self.spares.pids, "spares_ready": self.spares.ready_pids,
+            "workers": [{"name": w.name, "port": w.port, "device": w.device, "model": w.model,
+                         "pid": w.proc.pid if w.proc else None, "restarts": w.restarts} for w in self.workers]})
 
-    # -- rolling reload ---------------------------------------------------------------------------------------
+    # -- rolling reload (reload.py) ------------------------------------------------------------------------------
     async def rolling_reload(self, model: str | None = None) -> None:
-        async with self._reloading:
-            if model:
-                self.serve = self.serve.replace(model=model)
-            log.info("rolling reload of %d workers%s", len(self.workers), f" onto {model}" if model else "")
-            for w in self.workers:
-                if self._stopping.is_set():
-                    return
-                await self.api.set_state(w.name, "drain")
-                await self._wait_idle(w, timeout=self.serve.timeout_s + 5)
-                await self._stop_worker(w, timeout=self.serve.shutdown_timeout_s + 5)
-                await self._spawn(w)
-                self._keep(self._watch(w))
-                await self._wait_ready(w, self.opt.ready_timeout_s)
-                await self.api.set_state(w.name, "ready")
-                await self._wait_up(w, timeout=10)
-                log.info("worker %s reloaded", w.name)
-            log.info("rolling reload done")
-
-    async def _wait_row(self, w: Worker, done: Callable[[dict[str, str]], bool], timeout: float) -> bool:
-        """Polls HAProxy's stats row of `w` until `done(row)`; False if `timeout` passes first."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if done((await self.api.stats()).get(w.name, {})):
-                return True
-            await asyncio.sleep(0.1)
-        return False
-
-    async def _wait_idle(self, w: Worker, timeout: float) -> None:
-        if not await self._wait_row(w, lambda row: int(row.get("scur") or 0) == 0 and int(row.get("qcur") or 0) == 0,
-                                    timeout):
-            log.warning("worker %s still busy after %.0fs of draining", w.name, timeout)
-
-    async def _wait_up(self, w: Worker, timeout: float) -> None:
-        await self._wait_row(w, lambda row: row.get("status", "").startswith("UP"), timeout)
+        await reload.rolling_reload(self, model)
 
     # -- lifetime ---------------------------------------------------------------------------------------------
+    def _on_stop_signal(self) -> None:
+        if self._stopping.is_set():
+            log.warning("second stop signal: stopping now, without waiting for requests in flight")
+            self._forced.set()
+        self._stopping.set()
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._keep(self._reload_from_request()))
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._keep(reload.serve_requests(self)))
+        self._session = aiohttp.ClientSession()
         try:
-            for w in self.workers:
-                await self._spawn(w)
-            await asyncio.gather(*(self._wait_ready(w, self.opt.ready_timeout_s) for w in self.workers))
-            for w in self.workers:
-                self._keep(self._watch(w))
             cfg = self._render()
+            await haproxy.check_config(cfg)  # a bad setting fails here, before a worker spends a model load
+            for w in self.workers:
+                await self._spawn(w, warm=False)
+            starting = [self._wait_ready(w, w.proc, self.opt.ready_timeout_s) for w in self.workers if w.proc]
+            waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(asyncio.gather(*starting)),
+                                               asyncio.ensure_future(self._stopping.wait())}
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for t in waits:
+                t.cancel()
+            if self._stopping.is_set():
+                return 0
+            for t in done:
+                t.result()  # a worker that could not start: the error says which and why
+            self._owners = [asyncio.ensure_future(self._own(w)) for w in self.workers]
             self.haproxy = await haproxy.start(cfg)
+            self.spares.fill()
             self._write_state()
             log.info("cluster ready: http://%s:%d (%d workers); stats http://127.0.0.1:%d/stats, metrics /metrics",
                      self.opt.host, self.opt.port, len(self.workers), self.stats_port)
@@ -278,40 +379,39 @@ class Cluster:
         finally:
             await self.shutdown()
 
-    async def _reload_from_request(self) -> None:
-        request = self.runtime_dir / "reload.json"
-        model = None
-        if request.exists():
-            model = json.loads(request.read_text()).get("model")
-            request.unlink()
-        try:
-            await self.rolling_reload(model)
-        except Exception:
-            log.exception("rolling reload failed")
-
     async def shutdown(self) -> None:
+        """HAProxy's soft stop first (it stops listening and finishes what it holds), then the workers drain."""
         self._stopping.set()
-        if self.haproxy and self.haproxy.returncode is None:
-            self.haproxy.terminate()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.haproxy.wait(), 10)
-            if self.haproxy.returncode is None:
-                self.haproxy.kill()
-                await self.haproxy.wait()
-        await asyncio.gather(*(self._stop_worker(w, self.serve.shutdown_timeout_s + 5) for w in self.workers))
-        for t in list(self._tasks):
+        for t in list(self._tasks):  # reloads in progress
             t.cancel()
+        await asyncio.gather(*self._owners, *self._tasks, return_exceptions=True)
+        await self._stop_haproxy()
+        grace = 0.0 if self._forced.is_set() else self.serve.shutdown_timeout_s + 5
+        await asyncio.gather(*(self._stop_worker(w, grace) for w in self.workers),
+                             self.spares.close())
+        if self._session:
+            await self._session.close()
         log.info("cluster stopped")
 
+    async def _stop_haproxy(self) -> None:
+        proc = self.haproxy
+        if proc is None or proc.returncode is not None:
+            return
+        if not self._forced.is_set():
+            proc.send_signal(signal.SIGUSR1)  # soft stop; its hard-stop-after bounds it
+            done = asyncio.ensure_future(proc.wait())
+            forced = asyncio.ensure_future(self._forced.wait())
+            await asyncio.wait([done, forced], return_when=asyncio.FIRST_COMPLETED)
+            forced.cancel()
+        if proc.returncode is None:
+            await _stop_process(proc, 5, "haproxy")
 
-def request_reload(port: int, model: str | None = None, runtime_dir: Path | None = None) -> int:
-    """`vqa-async cluster reload`: asks the running cluster on `port` for a rolling reload."""
-    rdir = runtime_dir or runtime_dir_for(port)
-    state_file = rdir / "state.json"
-    if not state_file.exists():
-        raise FileNotFoundError(f"no cluster runs on port {port} (no {state_file})")
-    pid = int(json.loads(state_file.read_text())["pid"])
-    if model:
-        (rdir / "reload.json").write_text(json.dumps({"model": str(Path(model).resolve())}))
-    os.kill(pid, signal.SIGHUP)
-    return pid
+    async def _stop_worker(self, w: Worker, grace_s: float) -> None:
+        if w.proc is None or w.proc.returncode is not None:
+            return
+        if grace_s <= 0:
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.kill()
+            await w.proc.wait()
+            return
+        await _stop_process(w.proc, grace_s, f"worker {w.name}")

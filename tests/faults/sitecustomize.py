@@ -1,0 +1,71 @@
+"""Test-only fault injection for cluster workers, never shipped: put this folder on PYTHONPATH and point
+VQA_TEST_FAULT_FILE at a JSON file {"<worker port>": "fail" | "hang" | "slow:<seconds>"}.
+
+The worker listening on that port (its `--port` in sys.argv, read at each call, so that a warm spare told its
+port later is covered too) then has every model call fail, hang forever, or take that long. The file is read
+at each call, so a test can make a worker sick and well again while it runs.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+FAULT_FILE = os.environ.get("VQA_TEST_FAULT_FILE")
+TARGET = "vqa_async.model.answer"
+
+
+def _fault() -> str | None:
+    argv = sys.argv
+    port = argv[argv.index("--port") + 1] if "--port" in argv[:-1] else None
+    try:
+        with open(str(FAULT_FILE), encoding="utf-8") as f:
+            return json.load(f).get(port)
+    except (OSError, ValueError):
+        return None
+
+
+def _patch(module: ModuleType) -> None:
+    cls = module.Answerer
+    real = cls.answer_embedded
+
+    def answer_embedded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        fault = _fault()
+        if fault == "fail":
+            raise RuntimeError("injected model failure (tests/faults/sitecustomize.py)")
+        if fault == "hang":
+            while True:
+                time.sleep(3600)
+        if fault and fault.startswith("slow:"):
+            time.sleep(float(fault.split(":", 1)[1]))
+        return real(self, *args, **kwargs)
+
+    cls.answer_embedded = answer_embedded
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != TARGET:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader: Any = spec.loader
+        real_exec = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            real_exec(module)
+            _patch(module)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+if FAULT_FILE:
+    sys.meta_path.insert(0, _PatchOnImport())

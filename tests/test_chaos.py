@@ -1,0 +1,30 @@
+"""bench/chaos.py for one minute: kills, stalls, reloads and bad reloads under load lose no request."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vqa_async.cluster.haproxy import find_haproxy
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"requests", "failures", "kills", "stalls", "reloads", "failed_reloads", "restart_p50_s", "p99_ms",
+        "rss_growth_mb"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
+def test_one_minute_of_chaos_loses_nothing() -> None:
+    # Seed 9: kill, stall, reload, bad reload; a minute on a slow box still times one restart.
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--minutes", "1", "--seed", "9"],
+                         capture_output=True, text=True, timeout=600)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print("\n" + json.dumps(result))
+    assert set(result) >= KEYS
+    assert result["failures"] == 0 and result["problems"] == [] and result["cluster_exit"] == 0, result
+    assert result["requests"] > 0 and result["kills"] + result["stalls"] + result["reloads"] + \
+        result["failed_reloads"] >= 2
