@@ -13,7 +13,13 @@ log = logging.getLogger("vqa_async")
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    from vqa_async.http.tracing import RequestIdFilter
+
+    # `rid` is the X-Request-ID of the request being served ("-" outside one): a client's report finds its lines
+    logging.basicConfig(level=level,
+                        format="%(asctime)s %(levelname)s %(name)s [%(process)d] rid=%(request_id)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -31,7 +37,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     else:
         loop = asyncio.new_event_loop()
-    where = f"unix:{settings.unix_socket}" if settings.unix_socket else f"http://{settings.host}:{settings.port}"
+    scheme = "https" if settings.tls_cert else "http"
+    where = f"unix:{settings.unix_socket}" if settings.unix_socket else f"{scheme}://{settings.host}:{settings.port}"
     log.info("serving on %s", where)
     # SIGTERM/SIGINT: stop accepting, let the handlers in flight (and so everything queued) finish, then the
     # cleanup_ctx stops the batcher and the model thread. A client that disconnects cancels its handler, so
@@ -139,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uploads up to this size are retried on another worker if theirs dies (HAProxy buffers "
                          "them; a bigger buffer costs HAProxy more CPU per request)")
     cl.add_argument("--runtime-dir", default=None, help="where haproxy.cfg, its socket and state.json live")
-    add_arguments(cl, exclude=("host", "port", "unix_socket", "log_level"))
+    # TLS is terminated by the cluster's HAProxy, not by its workers
+    add_arguments(cl, exclude=("host", "port", "unix_socket", "log_level", "tls_cert", "tls_key"))
     cl.set_defaults(func=cmd_cluster)
 
     ev = sub.add_parser("eval", help="accuracy on the easy-VQA test split")

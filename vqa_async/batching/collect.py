@@ -103,6 +103,6 @@ class BatchCollector:
             reached = this_round
         # Whoever the last round reached goes to the back: the next batch starts with those it did not reach.
         for client in reached:
-            if (line := self._lines.pop(client, None)) is not None:
-                self._lines[client] = line
+            if client in self._lines:
+                self._lines[client] = self._lines.pop(client)
         return size

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ class VqaInput:
     image: bytes
     questions: list[str]
     plural: bool  # answer as {"answers": [...]} rather than {"answer": ...}
+    api_key: str | None = None  # the page's no-JavaScript form sends its key as a field
 
 
 def bad(code: str, message: str, status: int = 400) -> ApiError:
@@ -60,6 +62,7 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
         raise bad("missing_image", "add the picture as a file field named 'image' (a multipart/form-data upload)")
     # Read the parts ourselves, in memory and bounded: no spooled temporary files to leak on a bad request.
     image: bytes | None = None
+    api_key: bytes | None = None
     questions: list[bytes] = []
     total = parts = 0
     try:
@@ -85,13 +88,18 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
                 if filename is not None:
                     raise bad("invalid_field", "'question' must be text, not a file")
                 questions.append(bytes(data))
+            elif name == "api_key" and filename is None:
+                api_key = bytes(data)
     except ApiError:
         raise
     except (ValueError, AssertionError, web.HTTPException) as e:  # malformed framing
         if isinstance(e, web.HTTPException) and e.status == 413:
             raise
         raise bad("invalid_multipart", f"the multipart body cannot be read: {e}") from e
-    return _form_input(image, questions, settings)
+    vqa = _form_input(image, questions, settings)
+    if api_key:
+        return dataclasses.replace(vqa, api_key=api_key.decode("utf-8", "replace"))
+    return vqa
 
 
 # What browsers, curl, requests and aiohttp send: `form-data; name="x"` with an optional `; filename="y"`.
