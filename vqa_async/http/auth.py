@@ -109,12 +109,18 @@ class Auth:
         return path == "/metrics" and not self.metrics_need_key
 
 
-def presented_key(request: web.Request) -> str | None:
-    auth = request.headers.get(hdrs.AUTHORIZATION, "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.headers.get("X-API-Key") or None
+def presented_keys(request: web.Request) -> list[str]:
+    """Every credential the request carries. Each one must be valid: a bad `Authorization` next to a good
+    `X-API-Key` is refused, not skipped (a client sending a wrong credential should learn of it)."""
+    keys = []
+    if (auth := request.headers.get(hdrs.AUTHORIZATION)) is not None:
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise unauthorized("use 'Authorization: Bearer KEY' (or 'X-API-Key: KEY')")
+        keys.append(value.strip())
+    if (header := request.headers.get("X-API-Key")) is not None:
+        keys.append(header.strip())
+    return keys
 
 
 def unauthorized(why: str) -> ApiError:
@@ -152,16 +158,23 @@ def _in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: tuple[Network, 
 
 
 def form_client(request: web.Request, api_key: str | None) -> Client:
-    """The client of the page's form post: a key in a header (checked already) or in the `api_key` field."""
+    """The client of the page's form post: its `api_key` field, or a key in a header."""
     from vqa_async.http.keys import AUTH  # keys.py names this module's types
 
     auth = request.app[AUTH]
-    if auth.keys is None or CLIENT in request:
+    if auth.keys is None:
         return request[CLIENT]
-    if not api_key:
+    try:
+        keys = presented_keys(request)
+    except ApiError:
+        keys = []
+    if api_key:
+        keys.append(api_key)
+    if not keys:
         raise unauthorized("enter your API key")
-    client = auth.keys.find(api_key)
-    if client is None:
+    found = {auth.keys.find(k) for k in keys}
+    client = found.pop()
+    if client is None or found:
         log.info("refused a form post: an unknown API key")
         raise unauthorized("that API key is not valid")
     request[CLIENT] = client
@@ -176,14 +189,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if auth.keys is None:
         request[CLIENT] = Client(client_address(request, auth.trusted))
         return await handler(request)
-    key = presented_key(request)
-    if key is not None:
-        client = auth.keys.find(key)
-        if client is None:
-            log.info("refused: an unknown API key (%s %s)", request.method, request.path)
-            raise unauthorized("that API key is not valid")
-        request[CLIENT] = client
-    elif not auth.is_open(request):
+    if auth.is_open(request):  # a credential here is not checked: probes and the page answer anyway
+        return await handler(request)
+    clients = {auth.keys.find(k) for k in presented_keys(request)}
+    if not clients:
         raise unauthorized("send an API key: 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+    client = clients.pop()
+    if client is None or clients:  # an unknown key, or two keys of different clients
+        log.info("refused: an unknown API key (%s %s)", request.method, request.path)
+        raise unauthorized("that API key is not valid")
+    request[CLIENT] = client
     return await handler(request)
 

@@ -32,9 +32,11 @@ async def page_post(request: web.Request) -> web.Response:
         form_client(request, vqa.api_key)
         out = await ask(request, vqa)
     except ApiError as e:
-        return aiohttp_jinja2.render_template(
+        resp = aiohttp_jinja2.render_template(
             "index.html", request, _context(request, question=question, error=e.message, error_code=e.code),
             status=e.status)
+        resp.headers.update(e.headers)  # Retry-After, WWW-Authenticate
+        return resp
     return aiohttp_jinja2.render_template("index.html", request, _context(
         request, question=question, answer=out.answers[0].text, queue_ms=out.queue_ms, compute_ms=out.compute_ms,
         batch_size=out.batch_size))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError  # a part's malformed header (InvalidHeader)
 
 from vqa_async.config import Settings
 from vqa_async.http.errors import ApiError
@@ -92,7 +93,7 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
                 api_key = bytes(data)
     except ApiError:
         raise
-    except (ValueError, AssertionError, web.HTTPException) as e:  # malformed framing
+    except (ValueError, AssertionError, HttpProcessingError, web.HTTPException) as e:  # malformed framing
         if isinstance(e, web.HTTPException) and e.status == 413:
             raise
         raise bad("invalid_multipart", f"the multipart body cannot be read: {e}") from e
@@ -168,11 +169,12 @@ def check_questions(questions: list[str], settings: Settings) -> list[str]:
         raise bad("too_many_questions", f"{len(questions)} questions; at most {settings.max_questions} per request")
     out = []
     for q in questions:
-        q = q.strip()
-        if not q:
-            raise bad("empty_question", "a question is empty")
+        # The bound is on the question as sent (what /openapi.json's maxLength says), spaces included.
         if len(q) > settings.max_question_chars:
             raise bad("question_too_long", f"a question has {len(q)} characters; at most "
                       f"{settings.max_question_chars}")
+        q = q.strip()
+        if not q:
+            raise bad("empty_question", "a question is empty")
         out.append(q)
     return out
