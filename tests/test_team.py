@@ -314,3 +314,15 @@ def test_serve_over_tls_answers_with_its_ca_and_refuses_plain_http(tmp_path: Pat
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+# -- the fairness bench, tiny ----------------------------------------------------------------------------------
+def test_fairness_bench_runs_tiny_and_reports_its_contracted_keys() -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench" / "fairness.py"
+    out = subprocess.run([sys.executable, str(bench), "--seconds", "1", "--big-concurrency", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = orjson.loads(out.stdout.strip().splitlines()[-1])
+    assert set(result) == {"small_p95_alone_ms", "small_p95_shared_ms", "big_answers_per_s_alone",
+                           "big_answers_per_s_shared", "fifo_small_p95_shared_ms"}
+    assert result["big_answers_per_s_alone"] > 0
