@@ -25,7 +25,7 @@ from fakes import FaultyAnswerer
 from vqa_async.app import init_app
 from vqa_async.config import Settings
 from vqa_async.http.auth import KeyRing, client_address
-from vqa_async.http.keys import SERVICE
+from vqa_async.http.keys import METRICS, SERVICE
 from vqa_async.http.tracing import RequestIdFilter
 
 ClientMaker = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -108,6 +108,11 @@ async def test_api_needs_a_valid_key(make_client: ClientMaker, keys_file: Path, 
     assert line["status"] == status
     expected = ("alice" if ALICE in str(headers) else "bob") if status == 200 else None
     assert line["client"] == expected
+    if status == 200:  # per-client metrics, labelled by key name only
+        app = client.server.app
+        assert app is not None
+        assert app[METRICS].registry.get_sample_value("vqa_client_requests_total",
+                                                      {"client": expected, "status": "200"}) == 1
     logged = caplog.text + (tmp_path / "access.log").read_text()
     assert ALICE not in logged and BOB not in logged  # a key never reaches a log
 

@@ -12,7 +12,7 @@ from vqa_async.batching.executor import ItemFailed
 from vqa_async.batching.service import NotReady, Outcome, Overloaded
 from vqa_async.http.context import CLIENT, OUTCOME, QUESTIONS, Client
 from vqa_async.http.errors import ApiError, Handler, error_body, json_response
-from vqa_async.http.keys import INFLIGHT, METRICS, SERVICE, SETTINGS
+from vqa_async.http.keys import AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.openapi import openapi_spec
 from vqa_async.http.parse import VqaInput, read_vqa_input
 from vqa_async.model.preprocess import ImageError
@@ -104,4 +104,6 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         m.requests.labels(route, str(status)).inc()
+        if request.app[AUTH].keys is not None and (client := request.get(CLIENT)) is not None:
+            m.client_requests.labels(client.name, str(status)).inc()
         m.latency.labels(route).observe(time.monotonic() - t0)
