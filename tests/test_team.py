@@ -65,6 +65,27 @@ def access_lines(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_text().splitlines()]
 
 
+# -- settings --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, named", [({"scheduling": "lifo"}, "scheduling"), ({"tls_cert": "c.pem"}, "tls_key"),
+                                        ({"tls_key": "k.pem"}, "tls_cert"), ({"trusted_proxies": "10.0.0/8"},
+                                                                              "trusted_proxies"),
+                                        ({"max_inflight_per_client": -1}, "max_inflight_per_client")])
+def test_team_settings_are_validated_by_name(bad: dict[str, Any], named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        Settings(device="cpu", **bad)
+
+
+def test_a_yes_no_setting_comes_as_a_value_so_the_cluster_can_pass_it_on() -> None:
+    assert Settings.from_env({"VQA_METRICS_NEED_KEY": "true"}, device="cpu").metrics_need_key is True
+    assert Settings.from_env({"VQA_METRICS_NEED_KEY": "0"}, device="cpu").metrics_need_key is False
+    with pytest.raises(ValueError, match="VQA_METRICS_NEED_KEY"):
+        Settings.from_env({"VQA_METRICS_NEED_KEY": "maybe"}, device="cpu")
+    from vqa_async.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--metrics-need-key", "False", "--access-log", "-"])
+    assert args.metrics_need_key is False and args.access_log == "-"
+
+
 # -- keys ------------------------------------------------------------------------------------------------------
 def test_key_file_formats_weights_and_errors_that_never_show_a_key(tmp_path: Path) -> None:
     p = tmp_path / "k"
