@@ -18,10 +18,10 @@ from vqa_async.model.preprocess import EncodedQuestions
 
 
 def make_item(loop: asyncio.AbstractEventLoop, size: int = 1, key: str = "img", token: int = 1000,
-              deadline_in: float = 60.0) -> WorkItem:
+              deadline_in: float = 60.0, client: str = "", weight: int = 1) -> WorkItem:
     ids = torch.full((size, 25), token)
     return WorkItem(key, torch.zeros(3, 4, 4), ids, torch.ones(size, 25, dtype=torch.long), loop.create_future(),
-                    time.monotonic() + deadline_in)
+                    time.monotonic() + deadline_in, client=client, weight=weight)
 
 
 @pytest.mark.parametrize("max_size", [1, 3, 8])
@@ -102,6 +102,119 @@ async def test_cap_lowers_the_batch() -> None:
         q.put_nowait(make_item(loop))
     c = BatchCollector(q, 6, max_wait_s=0.0)
     assert len(await c.collect(cap=2)) == 2
+
+
+async def drain(c: BatchCollector) -> list[list[WorkItem]]:
+    batches = []
+    while c.pending():
+        batches.append(await c.collect())
+    return batches
+
+
+@pytest.mark.parametrize("max_size, big_size, big_queued", [(16, 4, 64), (16, 1, 64), (8, 2, 20), (64, 4, 64)])
+async def test_fair_a_lone_request_is_not_pushed_behind_a_bulk_client(max_size: int, big_size: int,
+                                                                       big_queued: int) -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    for _ in range(big_queued):
+        q.put_nowait(make_item(loop, big_size, client="bulk"))
+    small = make_item(loop, 1, client="small")
+    q.put_nowait(small)  # last in the queue
+    fair = await drain(BatchCollector(q, max_size, max_wait_s=0.0, fair=True))
+    assert small in fair[0]
+    assert sum(len(b) for b in fair) == big_queued + 1
+
+    for _ in range(big_queued):
+        q.put_nowait(make_item(loop, big_size, client="bulk"))
+    q.put_nowait(small)
+    fifo = await drain(BatchCollector(q, max_size, max_wait_s=0.0, fair=False))
+    assert small in fifo[-1]  # today's behaviour, kept behind the switch
+
+
+@pytest.mark.parametrize("max_size, sizes", [(16, [4] * 20), (8, [3, 3, 1, 2, 4, 1, 1, 5]), (4, [1] * 9)])
+@pytest.mark.parametrize("fair", [True, False])
+async def test_a_single_client_gets_the_same_batches_as_fifo(max_size: int, sizes: list[int], fair: bool) -> None:
+    """Fair sharing costs a lone client nothing: its batches are as full, and in order."""
+    loop = asyncio.get_running_loop()
+
+    async def batches(fair: bool) -> list[list[int]]:
+        q: asyncio.Queue[WorkItem] = asyncio.Queue()
+        items = [make_item(loop, n, client="only", token=i) for i, n in enumerate(sizes)]
+        for it in items:
+            q.put_nowait(it)
+        return [[items.index(it) for it in b] for b in await drain(BatchCollector(q, max_size, 0.0, fair=fair))]
+
+    assert await batches(fair) == await batches(False)
+
+
+@pytest.mark.parametrize("clients", [2, 3, 5])
+async def test_fair_round_robin_shares_every_batch_and_keeps_each_clients_order(clients: int) -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    items = {f"c{k}": [make_item(loop, 1, client=f"c{k}") for _ in range(10)] for k in range(clients)}
+    for k in range(clients):  # each client's requests arrive together, one client after the other
+        for it in items[f"c{k}"]:
+            q.put_nowait(it)
+    batches = await drain(BatchCollector(q, clients * 2, 0.0, fair=True))
+    for b in batches:
+        assert sorted(it.client for it in b) == sorted([f"c{k}" for k in range(clients)] * 2)
+    for name, mine in items.items():
+        assert [it for b in batches for it in b if it.client == name] == mine
+
+
+@pytest.mark.parametrize("max_size", [5, 8])
+async def test_fair_rotation_reaches_every_client_when_a_batch_holds_fewer_than_the_clients(max_size: int) -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    n_clients = max_size + 3
+    for k in range(n_clients):
+        for _ in range(4):
+            q.put_nowait(make_item(loop, 1, client=f"c{k}"))
+    c = BatchCollector(q, max_size, 0.0, fair=True)
+    first, second = await c.collect(), await c.collect()
+    assert len({it.client for it in first + second}) == n_clients  # nobody waits two batches
+
+
+@pytest.mark.parametrize("weight", [2, 3])
+async def test_fair_weights_give_a_client_that_many_requests_per_round(weight: int) -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    for _ in range(30):
+        q.put_nowait(make_item(loop, 1, client="heavy", weight=weight))
+        q.put_nowait(make_item(loop, 1, client="light"))
+    batch = await BatchCollector(q, 4 * (weight + 1), 0.0, fair=True).collect()
+    assert [it.client for it in batch].count("heavy") == 4 * weight
+    assert [it.client for it in batch].count("light") == 4
+
+
+async def test_fair_an_oversized_request_still_goes_alone() -> None:
+    """A request larger than a lowered cap is still handed over (the executor answers it in slices)."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    big, other = make_item(loop, 6, client="a"), make_item(loop, 1, client="b")
+    q.put_nowait(big)
+    q.put_nowait(other)
+    c = BatchCollector(q, 8, 0.0, fair=True)
+    assert await c.collect(cap=4) == [big]
+    assert await c.collect(cap=4) == [other]
+
+
+async def test_fair_waits_for_requests_on_their_way_from_another_client() -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    q.put_nowait(make_item(loop, client="a"))
+    on_the_way = [1]
+    c = BatchCollector(q, 4, max_wait_s=1.0, incoming=lambda: on_the_way[0], fair=True)
+
+    async def arrive() -> None:
+        await asyncio.sleep(0.02)
+        q.put_nowait(make_item(loop, client="b"))
+        on_the_way[0] = 0
+
+    task = asyncio.create_task(arrive())
+    batch = await c.collect()
+    await task
+    assert [it.client for it in batch] == ["a", "b"]
 
 
 class EchoAnswerer:

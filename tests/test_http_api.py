@@ -148,6 +148,7 @@ BAD_MULTIPART = [
     ("unsupported format", form(_image_bytes("ICO"), "what?"), 400, "unsupported_image_format"),
     ("empty question", form(GOOD, "   "), 400, "empty_question"),
     ("long question", form(GOOD, "why " * 200), 400, "question_too_long"),
+    ("long once padded", form(GOOD, "what?" + " " * 600), 400, "question_too_long"),  # the bound /openapi.json says
     ("too many questions", form(GOOD, *["what?"] * 17), 400, "too_many_questions"),
 ]
 
@@ -192,6 +193,17 @@ async def test_invalid_utf8_in_a_form_field(client: TestClient[Any, Any]) -> Non
     resp = await client.post("/v1/vqa", data=body, headers={"Content-Type": ctype})
     assert resp.status == 400
     assert (await resp.json())["error"]["code"] == "invalid_utf8"
+
+
+async def test_a_malformed_part_header_is_400_not_500(client: TestClient[Any, Any]) -> None:
+    """A control character in a part's Content-Disposition made aiohttp raise InvalidHeader: that was a 500
+    (found by the contract test)."""
+    boundary = "XyZ"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"a\x1fb\"\r\n\r\nx\r\n--{boundary}--\r\n").encode()
+    for path in ("/v1/vqa", "/vqa"):
+        resp = await client.post(path, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        assert resp.status == 400, await resp.text()
+        assert "invalid_multipart" in await resp.text()
 
 
 async def test_decompression_bomb_is_413_not_500(make_client: ClientMaker) -> None:

@@ -1,7 +1,10 @@
-"""The application factory. Lifetimes (model, executor thread, batcher task) live in `cleanup_ctx`."""
+"""The application factory. Lifetimes (model, executor thread, batcher task, SIGHUP) live in `cleanup_ctx`."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
 from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
@@ -13,9 +16,15 @@ from aiohttp import web
 from vqa_async.batching.service import VqaService
 from vqa_async.config import Settings
 from vqa_async.http import handlers, page
+from vqa_async.http.accesslog import AccessLog
+from vqa_async.http.auth import Auth, KeyRing, auth_middleware
 from vqa_async.http.errors import error_middleware
-from vqa_async.http.keys import METRICS, SERVICE, SETTINGS
+from vqa_async.http.keys import ACCESS_LOG, AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
+from vqa_async.http.quota import InflightLimit
+from vqa_async.http.tracing import tracing_middleware
 from vqa_async.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 # templates/ at the repository's top level, shipped in the wheel as this package (pyproject.toml).
 TEMPLATES = Path(str(resources.files("vqa_async.templates")))
@@ -25,11 +34,19 @@ MULTIPART_SLACK = 64 * 1024
 
 
 def init_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[handlers.metrics_middleware, error_middleware],
+    access_log = AccessLog(settings.access_log, settings.worker_name)
+    # Outermost first: the request id is set before anything logs, and the access log sees the final status;
+    # the key is checked inside the error middleware so that a refusal is a JSON 401 with that id.
+    app = web.Application(middlewares=[tracing_middleware(access_log.finish), handlers.metrics_middleware,
+                                       error_middleware, auth_middleware],
                           client_max_size=settings.max_body_bytes + MULTIPART_SLACK)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SERVICE] = VqaService(settings, app[METRICS])
+    app[AUTH] = Auth(KeyRing(settings.api_keys) if settings.api_keys else None, settings.trusted_networks,
+                     settings.metrics_need_key)
+    app[ACCESS_LOG] = access_log
+    app[INFLIGHT] = InflightLimit(settings.max_inflight_per_client)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
     app.router.add_post("/v1/vqa", handlers.vqa_v1)
     app.router.add_post("/vqa", handlers.vqa_legacy)
@@ -41,6 +58,7 @@ def init_app(settings: Settings) -> web.Application:
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/openapi.json", handlers.openapi)
     app.cleanup_ctx.append(_service_ctx)
+    app.cleanup_ctx.append(_sighup_ctx)
     return app
 
 
@@ -49,3 +67,24 @@ async def _service_ctx(app: web.Application) -> AsyncIterator[None]:
     await service.start()
     yield
     await service.stop()
+
+
+def reload_files(app: web.Application) -> None:
+    """SIGHUP: re-read the API keys (a bad file keeps the old ones) and reopen the access log file."""
+    if (keys := app[AUTH].keys) is not None:
+        keys.reload()
+    app[ACCESS_LOG].reopen()
+
+
+async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload_files, app)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError) as e:  # not the main thread, or no signals here
+        log.warning("SIGHUP will not reload the API keys here: %s", e)
+        installed = False
+    yield
+    if installed:
+        loop.remove_signal_handler(signal.SIGHUP)
+    app[ACCESS_LOG].close()

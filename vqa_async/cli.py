@@ -17,7 +17,13 @@ log = logging.getLogger("vqa_async")
 
 
 def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    from vqa_async.http.tracing import RequestIdFilter
+
+    # `rid` is the X-Request-ID of the request being served ("-" outside one): a client's report finds its lines
+    logging.basicConfig(level=level,
+                        format="%(asctime)s %(levelname)s %(name)s [%(process)d] rid=%(request_id)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -35,7 +41,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
     else:
         loop = asyncio.new_event_loop()
-    where = f"unix:{settings.unix_socket}" if settings.unix_socket else f"http://{settings.host}:{settings.port}"
+    scheme = "https" if settings.tls_cert else "http"
+    where = f"unix:{settings.unix_socket}" if settings.unix_socket else f"{scheme}://{settings.host}:{settings.port}"
     log.info("serving on %s", where)
     # SIGTERM/SIGINT: stop accepting, let the handlers in flight (and so everything queued) finish, then the
     # cleanup_ctx stops the batcher and the model thread. A client that disconnects cancels its handler, so
@@ -199,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(0: no limit)")
     cl.add_argument("--wait-s", type=float, default=900.0,
                     help="reload: how long to wait for the outcome")
-    add_arguments(cl, exclude=("host", "port", "unix_socket", "log_level"))
+    # TLS is terminated by the cluster's HAProxy, not by its workers
+    add_arguments(cl, exclude=("host", "port", "unix_socket", "log_level", "tls_cert", "tls_key"))
     cl.set_defaults(func=cmd_cluster)
 
     ev = sub.add_parser("eval", help="accuracy on the easy-VQA test split")

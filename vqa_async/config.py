@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -65,6 +66,24 @@ class Settings:
     torch_threads: int = field(default=0, metadata={"help": "intra-op threads of the model (0: torch's default)"})
     shutdown_timeout_s: float = field(default=30.0, metadata={"help": "how long SIGTERM waits for queued work"})
     loop: str = field(default="uvloop", metadata={"help": "event loop: uvloop or asyncio"})
+    # -- a service for a team ---------------------------------------------------------------------------------
+    api_keys: str | None = field(default=None, metadata={
+        "help": "file of API keys, one per line: NAME:KEY or NAME:KEY:WEIGHT (# comments); re-read on SIGHUP. "
+                "Without it, no key is asked for"})
+    metrics_need_key: bool = field(default=False, metadata={"help": "with --api-keys, /metrics asks for a key too"})
+    trusted_proxies: str = field(default="127.0.0.1/32,::1", metadata={
+        "help": "comma-separated networks whose X-Forwarded-For names the client (the cluster's HAProxy is on "
+                "loopback)"})
+    scheduling: str = field(default="fair", metadata={
+        "help": "fair (each batch filled round-robin across clients, by key name or address) or fifo"})
+    max_inflight_per_client: int = field(default=0, metadata={
+        "help": "requests of one client being answered at once; more are 429 too_many_requests (0: no limit)"})
+    tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate (chain): serve HTTPS"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key of --tls-cert"})
+    access_log: str = field(default="-", metadata={
+        "help": "one JSON line per request: - (stdout), a file path (reopened on SIGHUP), or off"})
+    worker_name: str | None = field(default=None, metadata={"help": "this process's name in the access log "
+                                                                       "(default: its pid)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
 
     def __post_init__(self) -> None:
@@ -91,7 +110,7 @@ class Settings:
             raise bad("log_level", "expected " + ", ".join(LOG_LEVELS))
         if self.loop not in ("uvloop", "asyncio"):
             raise bad("loop", "expected uvloop or asyncio")
-        for name in ("exact_preprocess", "gpu_decode"):
+        for name in ("exact_preprocess", "gpu_decode", "metrics_need_key"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "expected true or false")
         if self.decoder not in ("reference", "fast"):
@@ -111,12 +130,27 @@ class Settings:
         for name in ("image_cache_entries", "image_cache_mb", "torch_threads", "shutdown_timeout_s"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
+        if self.scheduling not in ("fair", "fifo"):
+            raise bad("scheduling", "expected fair or fifo")
+        if self.max_inflight_per_client < 0:
+            raise bad("max_inflight_per_client", "must not be negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise bad("tls_cert" if self.tls_cert is None else "tls_key", "--tls-cert and --tls-key go together")
+        try:
+            self.trusted_networks  # noqa: B018 - parsed here so that a bad value is named at startup
+        except ValueError as e:
+            raise bad("trusted_proxies", str(e)) from None
         if self.max_wait_ms > 1000:
             raise bad("max_wait_ms", "more than a second of waiting is never what you want")
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
+
+    @property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n.strip(), strict=False) for n in self.trusted_proxies.split(",")
+                     if n.strip())
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -134,6 +168,7 @@ class Settings:
 
 
 def parse_bool(raw: str) -> bool:
+    """`true`/`false` and friends: the cluster passes every setting on as `--x VALUE`, booleans too."""
     low = raw.strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -144,18 +179,16 @@ def parse_bool(raw: str) -> bool:
 
 def _coerce(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = str(f.type)
-    if kind == "bool":
-        try:
-            return parse_bool(raw)
-        except ValueError as e:
-            raise ValueError(f"invalid setting {ENV_PREFIX}{f.name.upper()}: {e}") from None
     try:
+        if kind.startswith("bool"):
+            return parse_bool(raw)
         if kind.startswith("int"):
             return int(raw)
         if kind.startswith("float"):
             return float(raw)
     except ValueError:
-        raise ValueError(f"invalid setting {ENV_PREFIX}{f.name.upper()}={raw!r}: expected a number") from None
+        what = "true or false" if kind.startswith("bool") else "a number"
+        raise ValueError(f"invalid setting {ENV_PREFIX}{f.name.upper()}={raw!r}: expected {what}") from None
     return raw or None if "None" in kind else raw
 
 

@@ -44,6 +44,10 @@ class Metrics:
         self.stage_seconds = Counter("vqa_stage_seconds", "wall time spent in each stage", ["stage"], registry=r)
         self.stage_cpu = Counter("vqa_stage_cpu_seconds", "CPU time of the thread that ran each stage "
                                  "(the whole stage when torch runs single-threaded)", ["stage"], registry=r)
+        # Only with --api-keys: the label is a key's name, so its values are bounded by the keys file (addresses
+        # would not be).
+        self.client_requests = Counter("vqa_client_requests", "API requests by API key name and status",
+                                       ["client", "status"], registry=r)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, resident memory
         for reason in ("client_left", "deadline"):
             self.dropped.labels(reason)

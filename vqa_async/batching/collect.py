@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 from vqa_async.batching.work import WorkItem
@@ -15,40 +16,93 @@ class BatchCollector:
     An idle server adds no latency: the first item is taken as soon as it arrives, and the collector waits up to
     `max_wait_s` for more only while `incoming()` says requests are on their way (accepted, being preprocessed),
     i.e. only when waiting can pay. Everything already queued is always taken at once.
+
+    With `fair` (the default), what is queued is sorted into one line per client (`WorkItem.client`) and each
+    batch is filled round-robin across the lines, `WorkItem.weight` requests per client per round: a client
+    with 64 requests queued does not push one with a single request to the back. Within a client the order is
+    FIFO. A request that does not fit waits at the head of its line for the next batch; the next batch begins
+    with the clients that the last one served least recently. With a single client (or `fair=False`, which puts
+    every request in one line) batches are exactly those of a FIFO queue.
     """
 
     def __init__(self, queue: asyncio.Queue[WorkItem], max_size: int, max_wait_s: float,
-                 incoming: Callable[[], int] = lambda: 0, clock: Callable[[], float] = time.monotonic) -> None:
+                 incoming: Callable[[], int] = lambda: 0, clock: Callable[[], float] = time.monotonic,
+                 fair: bool = True) -> None:
         self.queue = queue
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self.incoming = incoming
         self.clock = clock
-        self._carry: WorkItem | None = None  # an item that did not fit in the last batch goes first next time
+        self.fair = fair
+        # Taken from the queue, not yet in a batch: one FIFO line per client, in the order they are served.
+        self._lines: dict[str, deque[WorkItem]] = {}
+        self._held = 0
 
     def pending(self) -> int:
-        return self.queue.qsize() + (self._carry is not None)
+        return self.queue.qsize() + self._held
+
+    def _hold(self, item: WorkItem) -> None:
+        self._lines.setdefault(item.client if self.fair else "", deque()).append(item)
+        self._held += 1
+
+    def _drain(self) -> None:
+        while not self.queue.empty():
+            self._hold(self.queue.get_nowait())
 
     async def collect(self, cap: int | None = None) -> list[WorkItem]:
         limit = min(self.max_size, cap or self.max_size)
-        first = self._carry if self._carry is not None else await self.queue.get()
-        self._carry = None
-        batch, size = [first], first.size
+        if not self._held:
+            self._hold(await self.queue.get())
         deadline = self.clock() + self.max_wait_s
-        while size < limit:
-            if self.queue.empty():
-                remaining = deadline - self.clock()
-                if remaining <= 0 or self.incoming() == 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), remaining)
-                except TimeoutError:
-                    break
-            else:
-                item = self.queue.get_nowait()
-            if size + item.size > limit:
-                self._carry = item
+        batch: list[WorkItem] = []
+        size = 0
+        while True:
+            self._drain()
+            size = self._fill(batch, size, limit)
+            if size >= limit or self._held:  # full, or what is left does not fit
                 break
-            batch.append(item)
-            size += item.size
+            remaining = deadline - self.clock()
+            if remaining <= 0 or self.incoming() == 0:
+                break
+            try:
+                self._hold(await asyncio.wait_for(self.queue.get(), remaining))
+            except TimeoutError:
+                break
         return batch
+
+    def _fill(self, batch: list[WorkItem], size: int, limit: int) -> int:
+        """Adds held items round-robin across clients until the batch is full or nothing else fits."""
+        blocked: set[str] = set()  # clients whose next request does not fit in this batch
+        reached: list[str] = []  # clients the last round that took anything took from
+        while size < limit:
+            this_round: list[str] = []
+            for client in list(self._lines):
+                if client in blocked:
+                    continue
+                line = self._lines[client]
+                share, took = max(1, line[0].weight), 0
+                while line and took < share:
+                    # An empty batch takes its first request whatever its size (a cap lowered after
+                    # out-of-memory may be smaller than a request: the executor answers it in slices).
+                    if batch and size + line[0].size > limit:
+                        blocked.add(client)
+                        break
+                    item = line.popleft()
+                    batch.append(item)
+                    self._held -= 1
+                    size += item.size
+                    took += 1
+                if not line:
+                    del self._lines[client]
+                if took:
+                    this_round.append(client)
+                if size >= limit:
+                    break
+            if not this_round:
+                break
+            reached = this_round
+        # Whoever the last round reached goes to the back: the next batch starts with those it did not reach.
+        for client in reached:
+            if client in self._lines:
+                self._lines[client] = self._lines.pop(client)
+        return size

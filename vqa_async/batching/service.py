@@ -54,6 +54,7 @@ class Outcome:
     queue_ms: float
     compute_ms: float
     batch_size: int
+    preprocess_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class VqaService:
         self.executor = ModelExecutor(metrics, settings.max_batch_size, self.cache, settings.sick_after_failures)
         self._incoming = 0  # accepted requests still being preprocessed: the collector waits for them
         self.collector = BatchCollector(self.queue, settings.max_batch_size, settings.max_wait_ms / 1000,
-                                        incoming=lambda: self._incoming)
+                                        incoming=lambda: self._incoming, fair=settings.scheduling == "fair")
         self._prep_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vqa-preprocess")
         self._batcher: asyncio.Task[None] | None = None
         self._upload: UploadPixels | None = None
@@ -173,8 +174,9 @@ class VqaService:
                         item.future.set_exception(e)
 
     # -- the request path -------------------------------------------------------------------------------------
-    async def ask(self, image: bytes, questions: list[str]) -> Outcome:
-        """Raises ImageError (bad upload), Overloaded, NotReady, TimeoutError, or ItemFailed."""
+    async def ask(self, image: bytes, questions: list[str], client: str = "", weight: int = 1) -> Outcome:
+        """Raises ImageError (bad upload), Overloaded, NotReady, TimeoutError, or ItemFailed. `client` and
+        `weight` are who asks and their share, for the collector's round-robin."""
         arrived = time.monotonic()
         if problem := self.readiness_problem():
             raise NotReady(problem)
@@ -190,10 +192,11 @@ class VqaService:
             prepared = await loop.run_in_executor(self._prep_pool, self._prepare, image, questions)
         finally:
             self._incoming -= 1
-        self.metrics.preprocess.observe(time.monotonic() - arrived)
+        preprocess_s = time.monotonic() - arrived
+        self.metrics.preprocess.observe(preprocess_s)
         deadline = arrived + self.settings.timeout_s
         item = WorkItem(prepared.key, prepared.pixels, prepared.input_ids, prepared.attention_mask,
-                        loop.create_future(), deadline)
+                        loop.create_future(), deadline, client=client, weight=weight)
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -202,7 +205,7 @@ class VqaService:
         self.metrics.queue_depth.set(self.collector.pending())
         answers = await asyncio.wait_for(item.future, max(0.0, deadline - time.monotonic()))
         return Outcome(answers, round((item.started_at - item.enqueued_at) * 1000, 2),
-                       round(item.compute_s * 1000, 2), item.batch_size)
+                       round(item.compute_s * 1000, 2), item.batch_size, round(preprocess_s * 1000, 2))
 
     def _prepare(self, image: bytes, questions: list[str]) -> Prepared:
         assert self.loaded is not None and self._upload is not None

@@ -22,6 +22,9 @@ class WorkItem:
     future: asyncio.Future[list[Answered]]
     deadline: float  # time.monotonic() after which nobody waits for the answer
     enqueued_at: float = field(default_factory=time.monotonic)
+    # Who asked (an API key's name, or an address): the collector shares each batch among clients.
+    client: str = ""
+    weight: int = 1  # the client's share: up to `weight` requests per round of a batch
     # Filled in by the executor thread, for the response's timings.
     started_at: float = 0.0
     compute_s: float = 0.0

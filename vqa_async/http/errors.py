@@ -9,13 +9,16 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
+from vqa_async.http.context import ERROR_CODE
+from vqa_async.http.tracing import current_request_id
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Codes for aiohttp's own HTTP errors (routing, body size).
-STATUS_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
-                415: "unsupported_media_type", 503: "not_ready"}
+STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                413: "body_too_large", 415: "unsupported_media_type", 429: "too_many_requests", 503: "not_ready"}
 
 
 class ApiError(Exception):
@@ -27,10 +30,14 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def error_body(code: str, message: str, error_id: str | None = None) -> dict[str, dict[str, str]]:
+def error_body(code: str, message: str, error_id: str | None = None,
+               request_id: str | None = None) -> dict[str, dict[str, str]]:
+    """The error shape. Inside a request, `request_id` defaults to that request's id (X-Request-ID)."""
     err = {"code": code, "message": message}
     if error_id:
         err["error_id"] = error_id
+    if request_id := request_id or current_request_id():
+        err["request_id"] = request_id
     return {"error": err}
 
 
@@ -45,7 +52,10 @@ def to_api_error(e: BaseException) -> ApiError:
     if isinstance(e, web.HTTPException):
         if e.status == 413:
             return ApiError(413, "body_too_large", f"the request body is larger than allowed: {e.text or e.reason}")
-        return ApiError(e.status, STATUS_CODES.get(e.status, f"http_{e.status}"), e.reason)
+        err = ApiError(e.status, STATUS_CODES.get(e.status, f"http_{e.status}"), e.reason)
+        if isinstance(e, web.HTTPMethodNotAllowed):  # RFC 9110: a 405 says which methods the resource takes
+            err.headers["Allow"] = ", ".join(sorted(e.allowed_methods))
+        return err
     error_id = uuid.uuid4().hex[:12]
     log.error("unexpected error [error id %s]", error_id, exc_info=e)
     err = ApiError(500, "internal_error", f"something went wrong on our side; error id {error_id}")
@@ -65,8 +75,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         err = e
     except Exception as e:  # noqa: BLE001 - the one place that turns the unexpected into a logged 500
         err = to_api_error(e)
+    request[ERROR_CODE] = err.code  # for the access log
     if request.path == "/vqa":  # the tutorial's response shape
-        body: object = {"status": "error", "message": err.message, "code": err.code}
+        body: object = {"status": "error", "message": err.message, "code": err.code,
+                        "request_id": current_request_id()}
     else:
         body = error_body(err.code, err.message, err.headers.get("X-Error-Id"))
     return json_response(body, err.status, err.headers)

@@ -10,8 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vqa_async.batching.executor import ItemFailed, ModelFailing
 from vqa_async.batching.service import NotReady, Outcome, Overloaded
+from vqa_async.http.context import CLIENT, OUTCOME, QUESTIONS, Client
 from vqa_async.http.errors import ApiError, Handler, error_body, json_response
-from vqa_async.http.keys import METRICS, SERVICE, SETTINGS
+from vqa_async.http.keys import AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.openapi import openapi_spec
 from vqa_async.http.parse import VqaInput, read_vqa_input
 from vqa_async.model.preprocess import ImageError
@@ -19,8 +20,13 @@ from vqa_async.model.preprocess import ImageError
 
 async def ask(request: web.Request, vqa: VqaInput) -> Outcome:
     """The service's answer, or the ApiError a client should see."""
+    client = request.get(CLIENT) or Client("-")
+    request[QUESTIONS] = len(vqa.questions)
     try:
-        return await request.app[SERVICE].ask(vqa.image, vqa.questions)
+        with request.app[INFLIGHT].hold(client.name):
+            out = await request.app[SERVICE].ask(vqa.image, vqa.questions, client.name, client.weight)
+        request[OUTCOME] = out  # for Server-Timing and the access log
+        return out
     except ImageError as e:
         raise ApiError(413 if e.code == "image_too_large" else 400, e.code, e.message) from e
     except Overloaded as e:
@@ -101,4 +107,6 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         m.requests.labels(route, str(status)).inc()
+        if request.app[AUTH].keys is not None and (client := request.get(CLIENT)) is not None:
+            m.client_requests.labels(client.name, str(status)).inc()
         m.latency.labels(route).observe(time.monotonic() - t0)

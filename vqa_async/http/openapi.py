@@ -1,4 +1,6 @@
-"""The OpenAPI 3 description of what the server does (tests check it against the app's routes)."""
+"""The OpenAPI 3 description of what the server does: every status and error code it can answer, the headers
+that come with them, and the key schemes when `--api-keys` is on. tests/test_contract.py runs a property-based
+tester (schemathesis) against a live `serve` with this document; tests/test_http_api.py checks the routes."""
 
 from __future__ import annotations
 
@@ -11,68 +13,136 @@ ERROR_CODES = ["missing_image", "missing_question", "empty_image", "invalid_imag
                "image_too_large", "body_too_large", "empty_question", "question_too_long", "too_many_questions",
                "invalid_json", "invalid_base64", "invalid_field", "invalid_multipart", "invalid_utf8",
                "unsupported_media_type", "overloaded", "not_ready", "timeout", "model_error", "internal_error",
-               "not_found", "method_not_allowed", "too_many_parts", "request_timeout", "not_alive"]
+               "not_found", "method_not_allowed", "too_many_parts", "request_timeout", "not_alive",
+               "unauthorized", "too_many_requests", "bad_request"]
+
+_STR = {"schema": {"type": "string"}}
+REQUEST_ID = {"X-Request-ID": {"description": "the client's own X-Request-ID when it is a token of 1-128 "
+                               "characters [A-Za-z0-9._:-], else a fresh one; also error.request_id and in the logs",
+                               "required": True, **_STR}}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "required": True, **_STR}}
+SERVER_TIMING = {"Server-Timing": {"description": "queue, preprocess, compute and total milliseconds", **_STR}}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+def _answer(description: str, content: dict[str, Any] | None = None, **headers: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "headers": {**REQUEST_ID, **SERVER_TIMING, **headers}}
+    if content is not None:
+        out["content"] = content
+    return out
+
+
+def _json(ref: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
+
+
+HTML = {"text/html": {"schema": {"type": "string"}}}
+
+
+def _errors(settings: Settings, content: dict[str, Any], keys: bool) -> dict[str, Any]:
+    """The failures of an answering route, with the body shape `content`."""
+    out = {
+        "400": _answer("bad input (see the code)", content),
+        "408": _answer(f"the body did not arrive within {settings.body_timeout_s:g} s (request_timeout)", content),
+        "413": _answer("body_too_large or image_too_large", content),
+        "415": _answer("unsupported_media_type: send multipart/form-data or application/json", content),
+        "429": _answer("too_many_requests: this client has --max-inflight-per-client requests being answered",
+                       content, **RETRY_AFTER),
+        "500": _answer("model_error (this request failed in the model) or internal_error", content),
+        "503": _answer("overloaded or not_ready; retry after Retry-After seconds", content, **RETRY_AFTER),
+        "504": _answer(f"timeout: no answer within {settings.timeout_s:g} s", content),
+    }
+    if keys:
+        out["401"] = _answer("unauthorized: no API key, or not a valid one", content, **{"WWW-Authenticate": {
+            "description": 'Bearer realm="vqa-async"', "required": True, **_STR}})
+    return out
 
 
 def openapi_spec(settings: Settings) -> dict[str, Any]:
-    errors = {"400": _error("bad input (see error.code)"),
-              "408": _error(f"the body did not arrive within {settings.body_timeout_s:g} s"),
-              "413": _error("body or image too large"),
-              "415": _error("wrong content type"), "500": _error("the model failed on this request"),
-              "503": _error("overloaded or not ready; retry after Retry-After seconds"),
-              "504": _error(f"no answer within {settings.timeout_s:g} s")}
-    multipart = {"type": "object", "required": ["image", "question"], "properties": {
+    keys = settings.api_keys is not None
+    secured: dict[str, Any] = {"security": [{"bearer": []}, {"apiKey": []}]} if keys else {}
+    question = {"type": "string", "minLength": 1, "maxLength": settings.max_question_chars}
+    multipart: dict[str, Any] = {"type": "object", "required": ["image", "question"], "properties": {
         "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, GIF, BMP, WEBP or TIFF"},
-        "question": {"type": "array", "items": {"type": "string", "maxLength": settings.max_question_chars},
-                     "maxItems": settings.max_questions, "description": "may repeat: one answer each"}}}
+        # A form field is text whatever it looks like ("{}" is a question), and one field or several are one
+        # question or several: no type to get wrong, only the bounds of each.
+        "question": {"items": {"minLength": 1, "maxLength": settings.max_question_chars},
+                     "minItems": 1, "maxItems": settings.max_questions, "minLength": 1,
+                     "maxLength": settings.max_question_chars,
+                     "description": "text; may repeat: one answer each"}}}
     json_body = {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "format": "byte", "description": "base64 (a data: URL is accepted)"},
-        "question": {"type": "string", "maxLength": settings.max_question_chars},
-        "questions": {"type": "array", "items": {"type": "string"}, "maxItems": settings.max_questions}}}
-    return {
+        "question": question,
+        "questions": {"type": "array", "items": question, "minItems": 1, "maxItems": settings.max_questions,
+                      "description": "when present, 'question' is ignored"}},
+        "anyOf": [{"required": ["question"]}, {"required": ["questions"]}]}
+    body = {"required": True, "content": {"multipart/form-data": {"schema": multipart},
+                                          "application/json": {"schema": json_body}}}
+    page_form = {"type": "object", "required": ["image", "question"], "properties": {
+        **multipart["properties"], "api_key": {"type": "string",
+                                               "description": "the key, when the server asks for one"}}}
+    probe_503 = {"503": _answer("see error.message", _json("Error"))}
+    metrics_401 = {"401": _answer("unauthorized (--metrics-need-key)", _json("Error"))} \
+        if keys and settings.metrics_need_key else {}
+    spec: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "vqa-async", "version": __version__,
-                 "description": "Visual question answering with ModelScope's mPLUG, micro-batched."},
+                 "description": "Visual question answering with ModelScope's mPLUG, micro-batched. Every answer "
+                                "carries X-Request-ID; a valid W3C traceparent is echoed. A method a path does "
+                                "not take is 405 method_not_allowed with Allow; an unknown path 404 not_found."},
         "paths": {
             "/v1/vqa": {"post": {
-                "summary": "Answer questions about an image",
-                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": multipart},
-                                                              "application/json": {"schema": json_body}}},
-                "responses": {"200": {"description": "the answer(s)", "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/Answer"}}}}, **errors}}},
+                "summary": "Answer questions about an image", **secured, "requestBody": body,
+                "responses": {"200": _answer("the answer(s)", _json("Answer")),
+                              **_errors(settings, _json("Error"), keys)}}},
             "/vqa": {"post": {
-                "summary": "The deployment tutorial's endpoint (one question)",
-                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": multipart}}},
-                "responses": {"200": {"description": "answer", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"status": {"type": "string", "enum": ["success"]},
-                                                     "answer": {"type": "string"},
-                                                     "model_used": {"type": "string"}}}}}},
-                    "400": {"description": "{status: error, message, code}"}}}},
-            "/": {"get": {"summary": "The upload page", "responses": {"200": {"description": "HTML"}}},
-                  "post": {"summary": "The upload page's form post (works without JavaScript)",
-                           "responses": {"200": {"description": "HTML with the answer"}}}},
+                "summary": "The deployment tutorial's endpoint (the first question is answered)", **secured,
+                "requestBody": body,
+                "responses": {"200": _answer("answer", {"application/json": {"schema": {
+                    "type": "object", "required": ["status", "answer", "model_used"], "properties": {
+                        "status": {"type": "string", "enum": ["success"]}, "answer": {"type": "string"},
+                        "model_used": {"type": "string"}}}}}),
+                    **_errors(settings, _json("LegacyError"), keys)}}},
+            "/": {"get": {"summary": "The upload page", "responses": {"200": _answer("HTML", HTML)}},
+                  "post": {"summary": "The upload page's form post (works without JavaScript); errors are the "
+                                      "page with the message", "requestBody": {"required": True, "content": {
+                                          "multipart/form-data": {"schema": page_form}}},
+                           "responses": {"200": _answer("HTML with the answer", HTML),
+                                         **_errors(settings, {**HTML, **_json("Error")}, keys)}}},
             "/static/page.js": {"get": {"summary": "The upload page's script (shrinks photos before sending them)",
-                                        "responses": {"200": {"description": "JavaScript"}}}},
+                                        "responses": {"200": _answer("JavaScript", {"text/javascript": {}})}}},
             "/healthz": {"get": {"summary": "Process alive: not stuck in a model call, model thread and batcher "
-                                            "running", "responses": {"200": {"description": "alive"},
-                                                                     "503": _error("needs a restart")}}},
+                                            "running", "responses": {"200": _answer("alive", _json("Status")),
+                                                                     **probe_503}}},
             "/readyz": {"get": {"summary": "Model loaded, process alive, and the model not failing every request",
-                                "responses": {"200": {"description": "ready"}, "503": _error("not ready")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "JSON"}}}},
+                                "responses": {"200": _answer("ready", _json("Status")), **probe_503}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics",
+                                 **({"security": secured["security"]} if metrics_401 else {}),
+                                 "responses": {"200": _answer("the text format", {"text/plain": _STR}),
+                                               **metrics_401}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _answer(
+                "JSON", {"application/json": {"schema": {"type": "object"}}})}}},
         },
         "components": {"schemas": {
-            "Answer": {"type": "object", "properties": {
-                "answer": {"type": "string"}, "answers": {"type": "array", "items": {"type": "string"}},
-                "model": {"type": "string"}, "queue_ms": {"type": "number"}, "compute_ms": {"type": "number"},
-                "batch_size": {"type": "integer", "description": "questions in the model call that answered"}}},
+            "Answer": {"type": "object", "required": ["model", "queue_ms", "compute_ms", "batch_size"],
+                       "properties": {
+                           "answer": {"type": "string"}, "answers": {"type": "array", "items": {"type": "string"}},
+                           "model": {"type": "string"}, "queue_ms": {"type": "number"},
+                           "compute_ms": {"type": "number"},
+                           "batch_size": {"type": "integer",
+                                          "description": "questions in the model call that answered"}}},
+            "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["code", "message"], "properties": {
                     "code": {"type": "string", "enum": ERROR_CODES}, "message": {"type": "string"},
-                    "error_id": {"type": "string"}}}}}}},
+                    "error_id": {"type": "string", "description": "an unexpected failure's id in the log"},
+                    "request_id": {"type": "string", "description": "the X-Request-ID of this request"}}}}},
+            "LegacyError": {"type": "object", "required": ["status", "message", "code"], "properties": {
+                "status": {"type": "string", "enum": ["error"]}, "message": {"type": "string"},
+                "code": {"type": "string", "enum": ERROR_CODES}, "request_id": {"type": "string"}}},
+        }},
     }
+    if keys:
+        spec["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}
+    return spec

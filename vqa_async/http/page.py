@@ -10,9 +10,10 @@ from pathlib import Path
 import aiohttp_jinja2
 from aiohttp import web
 
+from vqa_async.http.auth import form_client
 from vqa_async.http.errors import ApiError
 from vqa_async.http.handlers import ask
-from vqa_async.http.keys import SERVICE, SETTINGS
+from vqa_async.http.keys import AUTH, SERVICE, SETTINGS
 from vqa_async.http.parse import read_vqa_input
 
 # Beside the page's template, so that the wheel carries both (pyproject.toml maps templates/ into the package).
@@ -25,7 +26,8 @@ def _context(request: web.Request, **extra: object) -> dict[str, object]:
     # The script shrinks photos to 2x this on their longer side; 0 (model not loaded yet) sends them as they are.
     image_res = service.loaded.image_res if service.loaded is not None else 0
     return {"model": service.model_name, "max_body_mb": s.max_body_mb, "image_res": image_res,
-            "max_question_chars": s.max_question_chars, **extra}
+            "max_question_chars": s.max_question_chars,
+            "keys_required": request.app[AUTH].keys is not None, **extra}
 
 
 async def script(request: web.Request) -> web.FileResponse:
@@ -42,11 +44,14 @@ async def page_post(request: web.Request) -> web.Response:
     try:
         vqa = await read_vqa_input(request, request.app[SETTINGS])
         question = vqa.questions[0]
+        form_client(request, vqa.api_key)
         out = await ask(request, vqa)
     except ApiError as e:
-        return aiohttp_jinja2.render_template(
+        resp = aiohttp_jinja2.render_template(
             "index.html", request, _context(request, question=question, error=e.message, error_code=e.code),
             status=e.status)
+        resp.headers.update(e.headers)  # Retry-After, WWW-Authenticate
+        return resp
     return aiohttp_jinja2.render_template("index.html", request, _context(
         request, question=question, answer=out.answers[0].text, queue_ms=out.queue_ms, compute_ms=out.compute_ms,
         batch_size=out.batch_size))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import re
 from dataclasses import dataclass
 
 import orjson
 from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError  # a part's malformed header (InvalidHeader)
 
 from vqa_async.config import Settings
 from vqa_async.http.errors import ApiError
@@ -21,6 +23,7 @@ class VqaInput:
     image: bytes
     questions: list[str]
     plural: bool  # answer as {"answers": [...]} rather than {"answer": ...}
+    api_key: str | None = None  # the page's no-JavaScript form sends its key as a field
 
 
 def bad(code: str, message: str, status: int = 400) -> ApiError:
@@ -60,6 +63,7 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
         raise bad("missing_image", "add the picture as a file field named 'image' (a multipart/form-data upload)")
     # Read the parts ourselves, in memory and bounded: no spooled temporary files to leak on a bad request.
     image: bytes | None = None
+    api_key: bytes | None = None
     questions: list[bytes] = []
     total = parts = 0
     try:
@@ -85,13 +89,18 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
                 if filename is not None:
                     raise bad("invalid_field", "'question' must be text, not a file")
                 questions.append(bytes(data))
+            elif name == "api_key" and filename is None:
+                api_key = bytes(data)
     except ApiError:
         raise
-    except (ValueError, AssertionError, web.HTTPException) as e:  # malformed framing
+    except (ValueError, AssertionError, HttpProcessingError, web.HTTPException) as e:  # malformed framing
         if isinstance(e, web.HTTPException) and e.status == 413:
             raise
         raise bad("invalid_multipart", f"the multipart body cannot be read: {e}") from e
-    return _form_input(image, questions, settings)
+    vqa = _form_input(image, questions, settings)
+    if api_key:
+        return dataclasses.replace(vqa, api_key=api_key.decode("utf-8", "replace"))
+    return vqa
 
 
 # What browsers, curl, requests and aiohttp send: `form-data; name="x"` with an optional `; filename="y"`.
@@ -160,11 +169,12 @@ def check_questions(questions: list[str], settings: Settings) -> list[str]:
         raise bad("too_many_questions", f"{len(questions)} questions; at most {settings.max_questions} per request")
     out = []
     for q in questions:
-        q = q.strip()
-        if not q:
-            raise bad("empty_question", "a question is empty")
+        # The bound is on the question as sent (what /openapi.json's maxLength says), spaces included.
         if len(q) > settings.max_question_chars:
             raise bad("question_too_long", f"a question has {len(q)} characters; at most "
                       f"{settings.max_question_chars}")
+        q = q.strip()
+        if not q:
+            raise bad("empty_question", "a question is empty")
         out.append(q)
     return out

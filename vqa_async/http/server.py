@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from typing import Any, cast
 
 from aiohttp import web
@@ -72,10 +73,22 @@ class CappedAppRunner(web.AppRunner):
         return _ConnectionCap(server, self._max_connections)  # type: ignore[return-value]
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """HTTPS for `serve --tls-cert --tls-key` (the cluster terminates TLS at HAProxy instead)."""
+    if not settings.tls_cert or not settings.tls_key:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    ctx.set_alpn_protocols(["http/1.1"])  # aiohttp speaks HTTP/1.1 only
+    return ctx
+
+
 def run(app: web.Application, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
     """Serves `app` until SIGTERM or SIGINT, then stops gracefully (what `web.run_app` does, plus the cap)."""
 
     async def main() -> None:
+        ssl_context = tls_context(settings)  # a bad certificate fails here, before the model loads
         runner = CappedAppRunner(app, settings.max_connections, handle_signals=True, handler_cancellation=True,
                                  access_log=None, shutdown_timeout=settings.shutdown_timeout_s)
         await runner.setup()
@@ -84,7 +97,7 @@ def run(app: web.Application, settings: Settings, loop: asyncio.AbstractEventLoo
             if settings.unix_socket:
                 site = web.UnixSite(runner, settings.unix_socket)
             else:
-                site = web.TCPSite(runner, settings.host, settings.port)
+                site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
             await site.start()
             await asyncio.Event().wait()  # until a signal raises GracefulExit
         finally:

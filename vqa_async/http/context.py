@@ -1,0 +1,25 @@
+"""What the middlewares learn about a request, for the handlers and the access log (typed request keys)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from vqa_async.batching.service import Outcome
+
+
+@dataclass(frozen=True)
+class Client:
+    """Who asks: an API key's name (with its weight), or an address when no keys are configured."""
+
+    name: str
+    weight: int = 1
+
+
+REQUEST_ID = web.RequestKey("request_id", str)
+TRACEPARENT = web.RequestKey("traceparent", str)  # set only when the client sent a valid one
+CLIENT = web.RequestKey("client", Client)  # absent on an open route when keys are on
+OUTCOME = web.RequestKey("outcome", Outcome)  # the service's timings, once answered
+QUESTIONS = web.RequestKey("questions", int)
+ERROR_CODE = web.RequestKey("error_code", str)
