@@ -70,9 +70,9 @@ def serve_app(settings: Settings, uploads: list[bytes] | None = None) -> Iterato
             service = app[SERVICE]
             ask = service.ask
 
-            async def recording_ask(image: bytes, questions: list[str]) -> Any:
+            async def recording_ask(image: bytes, questions: list[str], *args: Any, **kwargs: Any) -> Any:
                 uploads.append(image)
-                return await ask(image, questions)
+                return await ask(image, questions, *args, **kwargs)
 
             service.ask = recording_ask  # type: ignore[method-assign]
         runner = web.AppRunner(app, handler_cancellation=True)
