@@ -126,7 +126,10 @@ class Hosts:
             # `ip netns exec` execs the command: the Popen is the serve process itself, so signals reach it.
             h.proc = subprocess.Popen(["ip", "netns", "exec", h.netns, sys.executable, "-m", "vqa_async.cli",
                                        "serve", "--host", h.addr, "--port", str(SERVE_PORT), "--model", str(model),
-                                       "--torch-threads", "1", *extra], stdout=out, stderr=subprocess.STDOUT)
+                                       # SIGTERM takes the host out of the front's rotation before it stops
+                                       # listening, as a host behind a front should be run (README)
+                                       "--torch-threads", "1", "--drain-s", "1.5", *extra],
+                                      stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self, h: Host, timeout: float = 240) -> None:
         end = time.monotonic() + timeout

@@ -146,3 +146,29 @@ def test_connections_past_the_cap_are_refused_with_json_503(demo_dir: Path) -> N
         assert after == 200  # once the idle connections closed, the server takes new ones
     finally:
         _stop(proc)
+
+
+def test_drain_takes_it_out_of_rotation_before_the_socket_closes(demo_dir: Path,
+                                                                easy_vqa_images: list[Path]) -> None:
+    """With --drain-s, SIGTERM first fails /readyz and answers new requests with a retryable 503 (HAProxy retries
+    those elsewhere at once), then stops; a refused connection would instead wait for HAProxy's retry timer."""
+    proc, url = _serve(demo_dir, "--drain-s", "2")
+    img = easy_vqa_images[0].read_bytes()
+    try:
+        async def scenario() -> tuple[int, int, str]:
+            async with aiohttp.ClientSession() as s:
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)
+                async with s.get(url + "/readyz") as r:
+                    ready = r.status
+                form = aiohttp.FormData()
+                form.add_field("image", img, filename="a.png", content_type="image/png")
+                form.add_field("question", "what color is the shape?")
+                async with s.post(url + "/v1/vqa", data=form) as r:
+                    return ready, r.status, (await r.json())["error"]["code"]
+
+        ready, status, code = asyncio.run(scenario())
+        assert (ready, status, code) == (503, 503, "not_ready")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        _stop(proc)

@@ -65,6 +65,9 @@ class Settings:
                 "most max_queue); more is a fast 503, before any CPU is spent on them"})
     torch_threads: int = field(default=0, metadata={"help": "intra-op threads of the model (0: torch's default)"})
     shutdown_timeout_s: float = field(default=30.0, metadata={"help": "how long SIGTERM waits for queued work"})
+    drain_s: float = field(default=0.0, metadata={
+        "help": "on SIGTERM, first fail /readyz and answer new requests with a retryable 503 for this long, so "
+                "that a load balancer takes this process out before its socket closes"})
     loop: str = field(default="uvloop", metadata={"help": "event loop: uvloop or asyncio"})
     # -- a service for a team ---------------------------------------------------------------------------------
     api_keys: str | None = field(default=None, metadata={
@@ -127,7 +130,7 @@ class Settings:
         for name in ("timeout_s", "max_body_mb", "body_timeout_s", "stuck_timeout_s"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
-        for name in ("image_cache_entries", "image_cache_mb", "torch_threads", "shutdown_timeout_s"):
+        for name in ("image_cache_entries", "image_cache_mb", "torch_threads", "shutdown_timeout_s", "drain_s"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if self.scheduling not in ("fair", "fifo"):

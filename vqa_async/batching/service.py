@@ -79,6 +79,7 @@ class VqaService:
         self._prep_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vqa-preprocess")
         self._batcher: asyncio.Task[None] | None = None
         self._upload: UploadPixels | None = None
+        self.draining = False  # set on SIGTERM with --drain-s: out of rotation before the socket closes
         self._probe: asyncio.Future[None] | None = None
         self._probe_at = 0.0
 
@@ -135,6 +136,8 @@ class VqaService:
 
     def readiness_problem(self) -> str | None:
         """Why this process should get no traffic now (/readyz, and a 503 that HAProxy retries elsewhere)."""
+        if self.draining:
+            return "the server is shutting down"
         if self.loaded is None or self._batcher is None:
             return "the model is not loaded"
         if problem := self.liveness_problem():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import ssl
 from typing import Any, cast
 
@@ -19,6 +20,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from vqa_async.config import Settings
 from vqa_async.http.errors import error_body
+from vqa_async.http.keys import SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +87,30 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def run(app: web.Application, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
-    """Serves `app` until SIGTERM or SIGINT, then stops gracefully (what `web.run_app` does, plus the cap)."""
+    """Serves `app` until SIGTERM or SIGINT, then stops gracefully (what `web.run_app` does, plus the cap and the
+    drain). With `--drain-s`, the first signal only makes /readyz fail and new requests get a retryable 503 for
+    that long, so that a load balancer takes this process out before its socket closes: a connection refused
+    while HAProxy still counts the server up waits to be retried, and HAProxy drops such a request if the server
+    is marked down meanwhile. A second signal stops at once."""
 
     async def main() -> None:
         ssl_context = tls_context(settings)  # a bad certificate fails here, before the model loads
-        runner = CappedAppRunner(app, settings.max_connections, handle_signals=True, handler_cancellation=True,
+        runner = CappedAppRunner(app, settings.max_connections, handler_cancellation=True,
                                  access_log=None, shutdown_timeout=settings.shutdown_timeout_s)
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                raise web.GracefulExit()  # the second signal: stop now
+            if settings.drain_s > 0 and not app[SERVICE].draining:
+                log.info("draining for %.1f s before closing the socket", settings.drain_s)
+                app[SERVICE].draining = True
+                loop.call_later(settings.drain_s, stop.set)
+            else:
+                stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
         await runner.setup()
         try:
             site: web.BaseSite
@@ -99,9 +119,11 @@ def run(app: web.Application, settings: Settings, loop: asyncio.AbstractEventLoo
             else:
                 site = web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context)
             await site.start()
-            await asyncio.Event().wait()  # until a signal raises GracefulExit
+            await stop.wait()
         finally:
             await runner.cleanup()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
     asyncio.set_event_loop(loop)
     task = loop.create_task(main())
