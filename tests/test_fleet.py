@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cluster_support import RunningCluster
 from netns_hosts import Host, Hosts, qdisc_available, skip_reason
 
 from vqa_async.cluster.haproxy import RuntimeApi, find_haproxy
@@ -36,15 +37,12 @@ CONCURRENCY = 50
 CLIENT_TIMEOUT_S = 12.0
 
 
-@dataclass
-class Front:
-    proc: subprocess.Popen[bytes]
-    port: int
-    runtime_dir: Path
+class Front(RunningCluster):
+    """A cluster front with no local workers: the hosts' `serve` processes are its servers."""
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/vqa"
+    def api(self) -> str:
+        return self.url + "/v1/vqa"
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return asyncio.run(RuntimeApi(self.runtime_dir / "haproxy.sock").stats())
@@ -150,7 +148,7 @@ def test_a_host_whose_link_goes_down_loses_no_request_and_rejoins(hosts: Hosts, 
     down_s = CLIENT_TIMEOUT_S + 2  # longer than a client waits: a request left hanging on it would fail
 
     async def scenario() -> tuple[list[Result], float]:
-        load = asyncio.create_task(run_load(front.url, forms[:1000], CONCURRENCY, timeout_s=CLIENT_TIMEOUT_S))
+        load = asyncio.create_task(run_load(front.api, forms[:1000], CONCURRENCY, timeout_s=CLIENT_TIMEOUT_S))
         await asyncio.sleep(1.5)  # the victim has requests in flight
         hosts.set_link(victim, up=False)
         cut_at = time.monotonic()
@@ -178,7 +176,7 @@ def test_a_host_whose_serve_restarts_loses_no_request(hosts: Hosts, front: Front
     victim = hosts.hosts[1]
 
     async def scenario() -> tuple[list[Result], int | None]:
-        load = asyncio.create_task(run_load(front.url, forms[:800], CONCURRENCY, timeout_s=CLIENT_TIMEOUT_S))
+        load = asyncio.create_task(run_load(front.api, forms[:800], CONCURRENCY, timeout_s=CLIENT_TIMEOUT_S))
         await asyncio.sleep(1.5)
         code = await asyncio.to_thread(hosts.stop_serve, victim)  # SIGTERM, as systemd or Kubernetes would
         hosts.start_serve(victim, demo_dir)
@@ -197,7 +195,7 @@ def _requests_per_server(front: Front, forms: list[Any]) -> tuple[dict[str, int]
     often the slow one (remote2) was marked down meanwhile."""
     before = {name: int(row["stot"]) for name, row in front.stats().items()}
     downs = int(front.stats()["remote2"]["chkdown"])
-    results = asyncio.run(run_load(front.url, forms[:600], CONCURRENCY, timeout_s=30))
+    results = asyncio.run(run_load(front.api, forms[:600], CONCURRENCY, timeout_s=30))
     dropped_at_mark_down(results, front)
     after = front.stats()
     return ({name: int(row["stot"]) - before[name] for name, row in after.items()},
@@ -289,7 +287,7 @@ def test_dns_discovery_adds_and_drains_hosts_without_a_reload(hosts: Hosts, dns:
         assert f.up_addresses() == {h1.addr, h2.addr}
 
         async def scenario() -> tuple[list[Result], float, float, float]:
-            load = asyncio.create_task(run_load(f.url, forms[:1200], CONCURRENCY, timeout_s=CLIENT_TIMEOUT_S))
+            load = asyncio.create_task(run_load(f.api, forms[:1200], CONCURRENCY, timeout_s=CLIENT_TIMEOUT_S))
             await asyncio.sleep(1.0)
             served_h3 = hosts.requests_served(h3)
             dns.publish([h1, h2, h3])
