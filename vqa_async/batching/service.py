@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,8 +93,8 @@ class VqaService:
         s = self.settings
 
         def load() -> Answerer:
-            if s.torch_threads:
-                torch.set_num_threads(s.torch_threads)
+            if threads := model_threads(s):
+                torch.set_num_threads(threads)
             self.loaded = load_model(s.model, device=s.device, dtype=s.dtype)
             return Answerer(self.loaded.model, self.loaded.tokenizer, self.loaded.device, self.loaded.dtype,
                             decoder=s.decoder)
@@ -103,8 +104,9 @@ class VqaService:
         self._upload = UploadPixels(self.loaded.image_res, s.max_pixels, exact=s.exact_preprocess,
                                     device=self.loaded.device if s.gpu_decode else None)
         self._batcher = asyncio.create_task(self._run_batches(), name="vqa-batcher")
-        log.info("ready: model %s on %s, %s decoder, max batch %d questions, max wait %.1f ms, queue %d",
-                 self.model_name, s.device, s.decoder, s.max_batch_size, s.max_wait_ms, s.max_queue)
+        log.info("ready: model %s on %s, %s decoder, max batch %d questions, max wait %.1f ms, queue %d, "
+                 "%d model threads, %d preprocessing threads", self.model_name, s.device, s.decoder,
+                 s.max_batch_size, s.max_wait_ms, s.max_queue, torch.get_num_threads(), s.preprocess_threads)
 
     async def stop(self) -> None:
         if self._batcher is not None:
@@ -219,3 +221,15 @@ class VqaService:
             pixels = self._upload.pixels(decoded)
             enc = self.loaded.tokenizer.encode(questions)
         return Prepared(key, pixels, enc.input_ids, enc.attention_mask)
+
+
+def model_threads(settings: Settings) -> int:
+    """Intra-op threads for the model: the setting, or on CPU half the cores (at least one). torch's default, all
+    the cores, makes its OpenMP threads spin against the preprocessing threads decoding photos on the same cores:
+    one `serve` on 2 cores answered photos 2.5x faster with 1 thread than with 2 (bench/RESULTS.md, photos)."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    if settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available()):
+        return max(1, (os.cpu_count() or 1) // 2)
+    return 0
+
