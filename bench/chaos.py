@@ -71,7 +71,8 @@ class Chaos:
     def start(self) -> None:
         self.proc = subprocess.Popen(serve_command() + [
             "cluster", "--workers", str(self.args.workers), "--port", str(self.port), "--runtime-dir", str(self.rdir),
-            "--model", str(DEMO_MODEL_DIR)])
+            # The access log off: a line per request would bury the figures (its cost is not what this measures).
+            "--model", str(DEMO_MODEL_DIR), "--access-log", "off"])
 
     async def wait_all_up(self, timeout: float) -> None:
         end = time.monotonic() + timeout
