@@ -236,7 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_openmp_threads() -> None:
+    """OpenMP threads that sleep when idle instead of spinning, unless the environment says otherwise. It must be
+    set before torch loads libgomp. torch's threads otherwise spin for CPU between parallel regions, against the
+    threads decoding uploads and the event loop: one `serve` on 2 cores answered photos at 4.95/s with its 2
+    threads spinning, 17.13/s with them sleeping (bench/RESULTS.md, photos)."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_openmp_threads()
     args = build_parser().parse_args(argv)
     level = (args.log_level or os.environ.get("VQA_LOG_LEVEL", "INFO")).upper()
     from vqa_async.config import LOG_LEVELS

@@ -63,9 +63,7 @@ class Settings:
     max_preprocess_backlog: int = field(default=0, metadata={
         "help": "uploads accepted for decoding at once, running or waiting (0: 64 per preprocessing thread, at "
                 "most max_queue); more is a fast 503, before any CPU is spent on them"})
-    torch_threads: int = field(default=0, metadata={
-        "help": "intra-op threads of the model (0: on CPU half the cores, leaving the rest to decoding and HTTP; "
-                "elsewhere torch's default)"})
+    torch_threads: int = field(default=0, metadata={"help": "intra-op threads of the model (0: torch's default)"})
     shutdown_timeout_s: float = field(default=30.0, metadata={"help": "how long SIGTERM waits for queued work"})
     drain_s: float = field(default=0.0, metadata={
         "help": "on SIGTERM, first fail /readyz and answer new requests with a retryable 503 for this long, so "

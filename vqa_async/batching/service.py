@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,8 +92,8 @@ class VqaService:
         s = self.settings
 
         def load() -> Answerer:
-            if threads := model_threads(s):
-                torch.set_num_threads(threads)
+            if s.torch_threads:
+                torch.set_num_threads(s.torch_threads)
             self.loaded = load_model(s.model, device=s.device, dtype=s.dtype)
             return Answerer(self.loaded.model, self.loaded.tokenizer, self.loaded.device, self.loaded.dtype,
                             decoder=s.decoder)
@@ -221,15 +220,3 @@ class VqaService:
             pixels = self._upload.pixels(decoded)
             enc = self.loaded.tokenizer.encode(questions)
         return Prepared(key, pixels, enc.input_ids, enc.attention_mask)
-
-
-def model_threads(settings: Settings) -> int:
-    """Intra-op threads for the model: the setting, or on CPU half the cores (at least one). torch's default, all
-    the cores, makes its OpenMP threads spin against the preprocessing threads decoding photos on the same cores:
-    one `serve` on 2 cores answered photos 2.5x faster with 1 thread than with 2 (bench/RESULTS.md, photos)."""
-    if settings.torch_threads:
-        return settings.torch_threads
-    if settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available()):
-        return max(1, (os.cpu_count() or 1) // 2)
-    return 0
-
