@@ -81,6 +81,8 @@ async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         loop.add_signal_handler(signal.SIGHUP, reload_files, app)
         installed = True
+        if (keys := app[AUTH].keys) is not None:
+            keys.reload_if_changed()
     except (NotImplementedError, RuntimeError, ValueError) as e:  # not the main thread, or no signals here
         log.warning("SIGHUP will not reload the API keys here: %s", e)
         installed = False

@@ -2,8 +2,10 @@
 
     start workers -> wait until each is ready -> render haproxy.cfg -> start HAProxy -> supervise
     each worker: one task owns its process (restart on exit or failed liveness, or when a reload asks)
-    SIGHUP: rolling reload (drain through the runtime API, restart, re-enable), onto a new model if asked;
-            if the first worker never becomes ready on it, it goes back to the last good model and the reload stops
+    SIGHUP: passed on to every worker: they re-read their API keys and reopen their access logs, no restart
+    SIGUSR2 (`vqa-async cluster reload`): rolling reload (drain through the runtime API, restart, re-enable), onto
+            a new model if asked; if the first worker never becomes ready on it, it goes back to the last good
+            model and the reload stops
     SIGTERM / SIGINT: HAProxy's soft stop (it answers what it holds), then the workers drain; a second one forces
 """
 
@@ -181,13 +183,24 @@ class Cluster:
         proc = await self.spares.take(args) if warm else None
         how = "warm spare" if proc else "cold"
         if proc is None:
-            proc = await start_child(*serve_command(), *args)
+            proc = await start_child(*serve_command(), *args, ignore_hup=True)
         w.proc = proc
         w.started_at = time.monotonic()
         log.info("worker %s started (%s): pid %d, port %d, %s, model %s", w.name, how, proc.pid, w.port, w.device,
                  w.model or "demo")
         self._write_state()
         return proc
+
+    def _pass_on_hup(self) -> None:
+        """SIGHUP: every worker re-reads its API keys and reopens its access log. A waiting spare has read
+        nothing yet (it reads the keys file when it becomes a worker), and ignores SIGHUP meanwhile."""
+        sent = []
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGHUP)
+                    sent.append(w.name)
+        log.info("SIGHUP passed on to workers %s: API keys re-read, access logs reopened", ", ".join(sent) or "none")
 
     async def _own(self, w: Worker) -> None:
         """The one task that owns w's process: restarts it when it exits or fails liveness (with exponential
@@ -343,7 +356,8 @@ class Cluster:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._keep(reload.serve_requests(self)))
+        loop.add_signal_handler(signal.SIGHUP, self._pass_on_hup)
+        loop.add_signal_handler(signal.SIGUSR2, lambda: self._keep(reload.serve_requests(self)))
         self._session = aiohttp.ClientSession()
         try:
             cfg = self._render()

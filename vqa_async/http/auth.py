@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class KeyRing:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._stamp = _file_stamp(path)
         self._entries: list[tuple[bytes, Client]] = self._read()
 
     @property
@@ -56,13 +58,21 @@ class KeyRing:
         return found
 
     def reload(self) -> bool:
+        stamp = _file_stamp(self.path)  # taken before reading: a write after it is seen as a change next time
         try:
             self._entries = self._read()
         except (OSError, ValueError) as e:
             log.error("API keys not reloaded, the old ones stay in force: %s", e)
             return False
+        self._stamp = stamp
         log.info("API keys reloaded from %s: %d keys (%s)", self.path, len(self._entries), ", ".join(self.names))
         return True
+
+    def reload_if_changed(self) -> None:
+        """Once the SIGHUP handler is set: a worker of the cluster ignores SIGHUP until then (children.py), so a
+        rotation while it was loading would otherwise be missed."""
+        if _file_stamp(self.path) != self._stamp:
+            self.reload()
 
     def _read(self) -> list[tuple[bytes, Client]]:
         entries: list[tuple[bytes, Client]] = []
@@ -93,6 +103,14 @@ class KeyRing:
         if not entries:
             raise ValueError(f"{self.path}: no keys (a line is NAME:KEY or NAME:KEY:WEIGHT)")
         return entries
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 @dataclass
