@@ -26,6 +26,7 @@ from aiohttp import hdrs, web
 
 from vqa_async.http.context import CLIENT, Client
 from vqa_async.http.errors import ApiError
+from vqa_async.metrics import SUM_ROUTE
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class Auth:
         path = request.path
         if path in ("/healthz", "/readyz", "/openapi.json") or path == "/":
             return True
-        return path == "/metrics" and not self.metrics_need_key
+        return path in ("/metrics", SUM_ROUTE) and not self.metrics_need_key
 
 
 def presented_keys(request: web.Request) -> list[str]:
