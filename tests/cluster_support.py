@@ -68,11 +68,17 @@ def wait_until_serving(cl: RunningCluster, timeout: float = 240) -> RunningClust
 
 
 def start_cluster(tmp_path: Path, demo_dir: Path, *extra: str, workers: int = 2, port: int = 0,
-                  env: dict[str, str] | None = None) -> RunningCluster:
+                  env: dict[str, str] | None = None, log_to: Path | None = None) -> RunningCluster:
+    """`log_to`: the cluster's stdout and stderr (its workers' too) go to this file, for a test to read."""
     port = port or free_port_pair()  # the stats page takes port + 1
     rdir = tmp_path / "rt"
-    proc = subprocess.Popen(cluster_command(port, rdir, demo_dir, *extra, workers=workers),
-                            env={**os.environ, **(env or {})})
+    out = open(log_to, "wb") if log_to else None  # noqa: SIM115 - the child holds its own copy
+    try:
+        proc = subprocess.Popen(cluster_command(port, rdir, demo_dir, *extra, workers=workers),
+                                env={**os.environ, **(env or {})}, stdout=out, stderr=out)
+    finally:
+        if out:
+            out.close()
     return wait_until_serving(RunningCluster(proc, port, rdir))
 
 

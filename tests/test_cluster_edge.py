@@ -55,7 +55,7 @@ def test_a_runtime_dir_others_can_write_is_refused(tmp_path: Path) -> None:
 def test_reload_refuses_to_signal_a_pid_that_is_not_the_cluster(tmp_path: Path) -> None:
     port = free_port_pair()
     rdir = prepare_dir(tmp_path / "rt")
-    bystander = subprocess.Popen(["sleep", "60"])  # SIGHUP would end it
+    bystander = subprocess.Popen(["sleep", "60"])  # SIGUSR2 (what `cluster reload` sends) would end it
     try:
         write_json(rdir / "state.json", {"pid": bystander.pid, "port": port})
         out = cli("cluster", "reload", "--port", str(port), "--runtime-dir", str(rdir))

@@ -22,7 +22,7 @@ from vqa_async.http.errors import error_middleware
 from vqa_async.http.keys import ACCESS_LOG, AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.quota import InflightLimit
 from vqa_async.http.tracing import tracing_middleware
-from vqa_async.metrics import Metrics
+from vqa_async.metrics import SUM_ROUTE, Metrics, multiprocess_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ def init_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
+    if multiprocess_dir():  # a worker of `vqa-async cluster`: the front's /metrics comes here
+        app.router.add_get(SUM_ROUTE, handlers.metrics_summed)
     app.router.add_get("/openapi.json", handlers.openapi)
     app.cleanup_ctx.append(_service_ctx)
     app.cleanup_ctx.append(_sighup_ctx)
@@ -81,6 +83,8 @@ async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         loop.add_signal_handler(signal.SIGHUP, reload_files, app)
         installed = True
+        if (keys := app[AUTH].keys) is not None:
+            keys.reload_if_changed()
     except (NotImplementedError, RuntimeError, ValueError) as e:  # not the main thread, or no signals here
         log.warning("SIGHUP will not reload the API keys here: %s", e)
         installed = False

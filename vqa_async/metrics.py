@@ -1,12 +1,34 @@
-"""Prometheus metrics of one server process, in a registry of its own (tests build many apps in one process)."""
+"""Prometheus metrics of one server process, in a registry of its own (tests build many apps in one process).
+
+Under `vqa-async cluster` the workers also run in prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR,
+set by the supervisor: vqa_async/cluster/metrics_dir.py): `/metrics` is still this process's own, and
+`/metrics/cluster` is the sum over every worker's files, which the front's `/metrics` shows.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own name: read when it is imported
+SUM_ROUTE = "/metrics/cluster"
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def summed(path: str) -> bytes:
+    """The Prometheus page of every process writing to `path`: counters and histograms summed, gauges by their
+    multiprocess_mode."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return generate_latest(registry)
 
 # Where the time of a request goes, for the bench's profile: per request `decode` (image bytes to an upright RGB
 # image) and `preprocess` (resize, tokenize, hash); per model call `vision` (normalizing the batch's pixels and the
@@ -25,7 +47,9 @@ class Metrics:
         self.requests = Counter("vqa_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.latency = Histogram("vqa_request_latency_seconds", "time from arrival to response", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("vqa_queue_depth", "requests waiting for the model", registry=r)
+        # multiprocess_mode: how the cluster's sum shows a gauge (live workers only); ignored in a single process.
+        self.queue_depth = Gauge("vqa_queue_depth", "requests waiting for the model", registry=r,
+                                 multiprocess_mode="livesum")
         self.batch_size = Histogram("vqa_batch_size", "questions per model call", buckets=BATCH_BUCKETS, registry=r)
         self.batch_images = Histogram("vqa_batch_images", "distinct images per model call", buckets=BATCH_BUCKETS,
                                       registry=r)
@@ -40,7 +64,7 @@ class Metrics:
         self.dropped = Counter("vqa_dropped_requests", "requests skipped before the model", ["reason"], registry=r)
         self.batch_failures = Counter("vqa_batch_failures", "model calls that raised", ["kind"], registry=r)
         self.batch_cap = Gauge("vqa_batch_cap", "current questions-per-call cap (lowered after out-of-memory)",
-                               registry=r)
+                               registry=r, multiprocess_mode="livemin")  # the sum: the lowest, any OOM shows
         self.stage_seconds = Counter("vqa_stage_seconds", "wall time spent in each stage", ["stage"], registry=r)
         self.stage_cpu = Counter("vqa_stage_cpu_seconds", "CPU time of the thread that ran each stage "
                                  "(the whole stage when torch runs single-threaded)", ["stage"], registry=r)

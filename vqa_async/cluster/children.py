@@ -31,11 +31,15 @@ REFILL_DELAY_S = 3.0
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before any fork
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
-    """A preexec_fn: the child gets `sig` when its parent dies (and exits at once if that already happened)."""
+def die_with_parent(sig: int = signal.SIGKILL, ignore_hup: bool = False) -> Callable[[], None]:
+    """A preexec_fn: the child gets `sig` when its parent dies (and exits at once if that already happened).
+    `ignore_hup`: the child starts with SIGHUP ignored, so that a SIGHUP passed on while it is still importing or
+    loading (before `serve` sets its handler) cannot kill it; the disposition survives exec."""
     parent = os.getpid()
 
     def preexec() -> None:
+        if ignore_hup:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if _libc is not None:
             _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
         if os.getppid() != parent:  # the parent died between fork and prctl
@@ -44,18 +48,20 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
     return preexec
 
 
-async def start_child(*argv: str, **kwargs: Any) -> asyncio.subprocess.Process:
+async def start_child(*argv: str, ignore_hup: bool = False, **kwargs: Any) -> asyncio.subprocess.Process:
     """A child that dies with us, in its own session. SIGKILL: a worker draining for its full timeout, or one
     whose model thread hangs, must not outlive the supervisor by more than a moment."""
-    return await asyncio.create_subprocess_exec(*argv, preexec_fn=die_with_parent(), start_new_session=True,
-                                                **kwargs)
+    return await asyncio.create_subprocess_exec(*argv, preexec_fn=die_with_parent(ignore_hup=ignore_hup),
+                                                start_new_session=True, **kwargs)
 
 
 class SparePool:
     """Keeps `size` pre-imported `vqa-async` processes waiting; `take` hands one out and starts a replacement."""
 
-    def __init__(self, size: int, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, size: int, on_change: Callable[[], None] = lambda: None,
+                 env: dict[str, str] | None = None) -> None:
         self.size = size
+        self.env = env  # a worker's environment (the metrics directory): it must be there before the imports
         self.on_change = on_change  # the supervisor records its spares' pids in state.json
         self._spares: list[asyncio.subprocess.Process] = []
         self._ready: set[int] = set()  # pids of spares whose imports are done
@@ -72,7 +78,7 @@ class SparePool:
         await asyncio.sleep(delay_s)
         while not self._closed and len(self._alive()) < self.size:
             proc = await start_child(sys.executable, "-m", "vqa_async.cluster.spare", stdin=asyncio.subprocess.PIPE,
-                                     stdout=asyncio.subprocess.PIPE)
+                                     stdout=asyncio.subprocess.PIPE, env=self.env, ignore_hup=True)
             if self._closed:  # closed while it was being started
                 proc.kill()
                 await proc.wait()

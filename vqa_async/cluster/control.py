@@ -1,6 +1,6 @@
 """`vqa-async cluster reload`: asks the running cluster for a rolling reload and waits for its outcome.
 
-The request goes through the cluster's private runtime directory (a file naming the model, then SIGHUP to the
+The request goes through the cluster's private runtime directory (a file naming the model, then SIGUSR2 to the
 PID in state.json, once that PID is checked to be this cluster); the supervisor answers in a result file with
 the request's id. Exit 0: every worker runs the new model; 1: the reload failed and the reason is printed
 (the workers kept the last good model); 2: nothing was asked (no such cluster, a bad directory).
@@ -66,7 +66,7 @@ def request_reload(port: int, model: str | None = None, runtime_dir: Path | None
         model = str(path)
     rid = uuid.uuid4().hex
     write_json(rdir / f"reload-request-{rid}.json", {"id": rid, "model": model})
-    os.kill(pid, signal.SIGHUP)
+    os.kill(pid, signal.SIGUSR2)  # not SIGHUP: that one only has the workers re-read their keys and logs
     result_file = rdir / f"reload-result-{rid}.json"
     end = time.monotonic() + wait_s
     while time.monotonic() < end:

@@ -2,8 +2,9 @@
 directory if asked), and re-enabled once ready. The first worker to load a new model is its trial: if it never
 becomes ready, it goes back to the model it had, the reload stops, and `cluster reload` is told why.
 
-SIGHUP starts one; `vqa-async cluster reload` (control.py) leaves a request file with an id in the runtime
-directory first, and finds its outcome in `reload-result-ID.json`.
+SIGUSR2 starts one; `vqa-async cluster reload` (control.py) leaves a request file with an id in the runtime
+directory first, and finds its outcome in `reload-result-ID.json`. (SIGHUP is not a reload: the workers re-read
+their keys and reopen their logs, supervisor.py.)
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ async def _wait_up(cl: Cluster, w: Worker, timeout: float) -> None:
 
 
 async def serve_requests(cl: Cluster) -> None:
-    """SIGHUP: serves each `cluster reload` request waiting in the runtime directory, or a plain reload."""
+    """SIGUSR2: serves each `cluster reload` request waiting in the runtime directory, or a plain reload."""
     requests = sorted(cl.runtime_dir.glob("reload-request-*.json"), key=lambda p: p.stat().st_mtime)
-    if not requests:  # `kill -HUP`: nobody waits for the outcome but the log
+    if not requests:  # `kill -USR2`: nobody waits for the outcome but the log
         try:
             await rolling_reload(cl)
         except ReloadFailed:

@@ -2,8 +2,10 @@
 
     start workers -> wait until each is ready -> render haproxy.cfg -> start HAProxy -> supervise
     each worker: one task owns its process (restart on exit or failed liveness, or when a reload asks)
-    SIGHUP: rolling reload (drain through the runtime API, restart, re-enable), onto a new model if asked;
-            if the first worker never becomes ready on it, it goes back to the last good model and the reload stops
+    SIGHUP: passed on to every worker: they re-read their API keys and reopen their access logs, no restart
+    SIGUSR2 (`vqa-async cluster reload`): rolling reload (drain through the runtime API, restart, re-enable), onto
+            a new model if asked; if the first worker never becomes ready on it, it goes back to the last good
+            model and the reload stops
     SIGTERM / SIGINT: HAProxy's soft stop (it answers what it holds), then the workers drain; a second one forces
 """
 
@@ -23,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from vqa_async.cluster import haproxy, reload
+from vqa_async.cluster import haproxy, metrics_dir, reload
 from vqa_async.cluster.backends import DnsBackends, template_vars
 from vqa_async.cluster.children import SparePool, start_child
 from vqa_async.cluster.liveness import Liveness
@@ -141,8 +143,11 @@ class Cluster:
         devices = options.devices or [serve.device]
         self.workers = [Worker(i, free_port(), devices[i % len(devices)], serve.model)
                         for i in range(options.workers)]
+        self.metrics_dir = metrics_dir.prepare(self.runtime_dir)
+        self.worker_env = metrics_dir.worker_env(self.metrics_dir)
         # A spare only replaces local workers: none for a front whose workers all run elsewhere.
-        self.spares = SparePool(options.spares if self.workers else 0, on_change=self._write_state)
+        self.spares = SparePool(options.spares if self.workers else 0, on_change=self._write_state,
+                                env=self.worker_env)
         self.haproxy: asyncio.subprocess.Process | None = None
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()
@@ -181,13 +186,29 @@ class Cluster:
         proc = await self.spares.take(args) if warm else None
         how = "warm spare" if proc else "cold"
         if proc is None:
-            proc = await start_child(*serve_command(), *args)
+            proc = await start_child(*serve_command(), *args, env=self.worker_env, ignore_hup=True)
+        self._keep(self._forget_metrics_on_exit(proc))
         w.proc = proc
         w.started_at = time.monotonic()
         log.info("worker %s started (%s): pid %d, port %d, %s, model %s", w.name, how, proc.pid, w.port, w.device,
                  w.model or "demo")
         self._write_state()
         return proc
+
+    async def _forget_metrics_on_exit(self, proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()
+        metrics_dir.forget(proc.pid, self.metrics_dir)
+
+    def _pass_on_hup(self) -> None:
+        """SIGHUP: every worker re-reads its API keys and reopens its access log. A waiting spare has read
+        nothing yet (it reads the keys file when it becomes a worker), and ignores SIGHUP meanwhile."""
+        sent = []
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGHUP)
+                    sent.append(w.name)
+        log.info("SIGHUP passed on to workers %s: API keys re-read, access logs reopened", ", ".join(sent) or "none")
 
     async def _own(self, w: Worker) -> None:
         """The one task that owns w's process: restarts it when it exits or fails liveness (with exponential
@@ -314,7 +335,10 @@ class Cluster:
             hard_stop_after_s=self.serve.timeout_s + self.opt.queue_timeout_s + 10,
             max_conn_per_source=self.opt.max_conn_per_source,
             rate_limit_per_source=self.opt.rate_limit_per_source,
-            **template_vars(self.opt.backends, self.opt.backend_dns))
+            **template_vars(self.opt.backends, self.opt.backend_dns),
+            # The workers' summed metrics cover local workers only: with remote ones the front's /metrics is a
+            # worker's own, as before (scrape each host).
+            summed_metrics=bool(self.workers) and not self.opt.backends and self.opt.backend_dns is None)
         path = self.runtime_dir / "haproxy.cfg"
         write_atomic(path, cfg)
         return path
@@ -343,7 +367,8 @@ class Cluster:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._keep(reload.serve_requests(self)))
+        loop.add_signal_handler(signal.SIGHUP, self._pass_on_hup)
+        loop.add_signal_handler(signal.SIGUSR2, lambda: self._keep(reload.serve_requests(self)))
         self._session = aiohttp.ClientSession()
         try:
             cfg = self._render()

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from aiohttp import hdrs, web
 
 from vqa_async.http.context import CLIENT, Client
 from vqa_async.http.errors import ApiError
+from vqa_async.metrics import SUM_ROUTE
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class KeyRing:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._stamp = _file_stamp(path)
         self._entries: list[tuple[bytes, Client]] = self._read()
 
     @property
@@ -56,13 +59,21 @@ class KeyRing:
         return found
 
     def reload(self) -> bool:
+        stamp = _file_stamp(self.path)  # taken before reading: a write after it is seen as a change next time
         try:
             self._entries = self._read()
         except (OSError, ValueError) as e:
             log.error("API keys not reloaded, the old ones stay in force: %s", e)
             return False
+        self._stamp = stamp
         log.info("API keys reloaded from %s: %d keys (%s)", self.path, len(self._entries), ", ".join(self.names))
         return True
+
+    def reload_if_changed(self) -> None:
+        """Once the SIGHUP handler is set: a worker of the cluster ignores SIGHUP until then (children.py), so a
+        rotation while it was loading would otherwise be missed."""
+        if _file_stamp(self.path) != self._stamp:
+            self.reload()
 
     def _read(self) -> list[tuple[bytes, Client]]:
         entries: list[tuple[bytes, Client]] = []
@@ -95,6 +106,14 @@ class KeyRing:
         return entries
 
 
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass
 class Auth:
     keys: KeyRing | None
@@ -106,7 +125,7 @@ class Auth:
         path = request.path
         if path in ("/healthz", "/readyz", "/openapi.json") or path == "/":
             return True
-        return path == "/metrics" and not self.metrics_need_key
+        return path in ("/metrics", SUM_ROUTE) and not self.metrics_need_key
 
 
 def presented_keys(request: web.Request) -> list[str]:

@@ -15,6 +15,7 @@ from vqa_async.http.errors import ApiError, Handler, error_body, json_response
 from vqa_async.http.keys import AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.openapi import openapi_spec
 from vqa_async.http.parse import VqaInput, read_vqa_input
+from vqa_async.metrics import SUM_ROUTE, multiprocess_dir, summed
 from vqa_async.model.preprocess import ImageError
 
 
@@ -82,6 +83,14 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def metrics_summed(request: web.Request) -> web.Response:
+    """Every worker of the cluster, summed (only under `vqa-async cluster`: vqa_async/metrics.py)."""
+    path = multiprocess_dir()
+    assert path is not None  # the route exists only then
+    body = await asyncio.to_thread(summed, path)  # reads a file per process: not on the event loop
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_spec(request.app[SETTINGS]))
 
@@ -90,7 +99,7 @@ async def openapi(request: web.Request) -> web.Response:
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Requests by route and status, and latency, for every route but /metrics itself."""
     route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    if route == "/metrics":
+    if route in ("/metrics", SUM_ROUTE):
         return await handler(request)
     t0 = time.monotonic()
     m = request.app[METRICS]

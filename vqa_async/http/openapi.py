@@ -8,6 +8,7 @@ from typing import Any
 
 from vqa_async import __version__
 from vqa_async.config import Settings
+from vqa_async.metrics import SUM_ROUTE, multiprocess_dir
 
 ERROR_CODES = ["missing_image", "missing_question", "empty_image", "invalid_image", "unsupported_image_format",
                "image_too_large", "body_too_large", "empty_question", "question_too_long", "too_many_questions",
@@ -119,6 +120,11 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                                  **({"security": secured["security"]} if metrics_401 else {}),
                                  "responses": {"200": _answer("the text format", {"text/plain": _STR}),
                                                **metrics_401}}},
+            # Only in a worker of `vqa-async cluster` (vqa_async/metrics.py): the front's /metrics comes here.
+            **({SUM_ROUTE: {"get": {"summary": "Prometheus metrics summed over every worker of the cluster",
+                                    **({"security": secured["security"]} if metrics_401 else {}),
+                                    "responses": {"200": _answer("the text format", {"text/plain": _STR}),
+                                                  **metrics_401}}}} if multiprocess_dir() else {}),
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _answer(
                 "JSON", {"application/json": {"schema": {"type": "object"}}})}}},
         },
