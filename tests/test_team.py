@@ -269,6 +269,7 @@ async def test_request_ids_traceparent_server_timing_and_the_access_log(
     ours = [rec for rec in caplog.records if rec.name.startswith("vqa_async.http")]
     assert all(rec.request_id == "logged-1" for rec in ours)  # type: ignore[attr-defined]
 
+    assert (await client.get("/healthz")).status == 200  # a passing probe is not logged
     lines = access_lines(tmp_path / "access.log")
     first = lines[0]
     assert first["request_id"] == "report-42" and first["traceparent"] == tp

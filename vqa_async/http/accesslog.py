@@ -21,6 +21,9 @@ from vqa_async.http.context import CLIENT, ERROR_CODE, OUTCOME, QUESTIONS, REQUE
 log = logging.getLogger(__name__)
 
 
+PROBES = frozenset({"/healthz", "/readyz"})
+
+
 class AccessLog:
     def __init__(self, target: str, worker: str | None = None) -> None:
         self.target = target
@@ -46,7 +49,9 @@ class AccessLog:
             self._file = None
 
     def finish(self, request: web.Request, status: int, latency_s: float) -> None:
-        if not self.enabled:
+        # A passing probe is not a request anyone asks about: HAProxy checks each worker every 0.5 s, which would
+        # be most of the log. A failing one is logged.
+        if not self.enabled or (request.path in PROBES and status < 400):
             return
         self.write(self.record(request, status, latency_s))
 
