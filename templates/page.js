@@ -3,6 +3,9 @@
 // browser before it is sent: a 12 MP phone JPEG (3 MB) leaves as a JPEG of at most 2x the model's input size on
 // its longer side (a few hundred KB), upright (EXIF orientation applied), so that the upload is fast, the
 // server's decode is cheap, and a retry after a worker dies is always possible (HAProxy buffers up to 1 MiB).
+// With keys on (the page has an #api_key field) the key is remembered in this browser (localStorage) and sent as
+// `Authorization: Bearer`, never in the form body, so a wrong key is forgotten at the 401 and typed again.
+// No inline script or style anywhere: the Content-Security-Policy allows only this file and page.css.
 (() => {
   const form = document.getElementById("ask");
   const file = document.getElementById("image");
@@ -10,6 +13,13 @@
   const preview = document.getElementById("preview");
   const result = document.getElementById("result");
   const imageRes = Number(form.dataset.imageRes) || 0; // the loaded model's input size (0: not known yet)
+  const keyField = document.getElementById("api_key"); // present only when the server asks for a key
+  const KEY_ITEM = "vqa-async-api-key";
+
+  function storage() {
+    try { return window.localStorage; } catch (err) { return null; } // blocked storage: ask every time
+  }
+  if (keyField && storage()) keyField.value = storage().getItem(KEY_ITEM) || "";
 
   function show(f) {
     if (!f) return;
@@ -59,10 +69,21 @@
     render("<p>Thinking…</p>");
     try {
       const body = new FormData(form);
+      const headers = {};
+      if (keyField) {
+        const key = keyField.value.trim();
+        body.delete("api_key");
+        headers.Authorization = "Bearer " + key;
+        if (storage()) storage().setItem(KEY_ITEM, key);
+      }
       const upload = await shrunk(file.files[0]);
       if (upload) body.set("image", upload, upload.name);
-      const resp = await fetch("/v1/vqa", { method: "POST", body });
+      const resp = await fetch("/v1/vqa", { method: "POST", body, headers });
       const reply = await resp.json();
+      if (resp.status === 401 && keyField) {
+        if (storage()) storage().removeItem(KEY_ITEM);
+        keyField.value = "";
+      }
       if (!resp.ok) {
         render(`<p class="error" id="error">${esc(reply.error.message)} <code>(${esc(reply.error.code)})</code></p>`);
         return;

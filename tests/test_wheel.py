@@ -119,7 +119,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_wheel_carries_the_templates_and_no_tests(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
-    assert "vqa_async/templates/index.html" in names
+    assert {f"vqa_async/templates/{n}" for n in ("index.html", "page.js", "page.css")} <= set(names)
     assert "vqa_async/haproxy_templates/haproxy.cfg.j2" in names
     assert "vqa_async/demo/model.safetensors" in names
     assert not [n for n in names if n.startswith(("tests/", "bench/", "templates/", "haproxy/"))]

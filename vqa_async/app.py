@@ -21,6 +21,7 @@ from vqa_async.http.auth import Auth, KeyRing, auth_middleware
 from vqa_async.http.errors import error_middleware
 from vqa_async.http.keys import ACCESS_LOG, AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.quota import InflightLimit
+from vqa_async.http.security import add_security_headers
 from vqa_async.http.tracing import tracing_middleware
 from vqa_async.metrics import SUM_ROUTE, Metrics, multiprocess_dir
 
@@ -53,12 +54,14 @@ def init_app(settings: Settings) -> web.Application:
     app.router.add_get("/", page.page)
     app.router.add_post("/", page.page_post)
     app.router.add_get("/static/page.js", page.script)
+    app.router.add_get("/static/page.css", page.style)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
     if multiprocess_dir():  # a worker of `vqa-async cluster`: the front's /metrics comes here
         app.router.add_get(SUM_ROUTE, handlers.metrics_summed)
     app.router.add_get("/openapi.json", handlers.openapi)
+    app.on_response_prepare.append(add_security_headers)
     app.cleanup_ctx.append(_service_ctx)
     app.cleanup_ctx.append(_sighup_ctx)
     return app

@@ -121,9 +121,10 @@ class Auth:
     metrics_need_key: bool = False
 
     def is_open(self, request: web.Request) -> bool:
-        """Routes that need no key: the probes, the page (its form carries the key), this API's description."""
+        """Routes that need no key: the probes, the page (its form carries the key) and its script and style (a
+        browser fetches them without a key; refused, the page's script never ran), this API's description."""
         path = request.path
-        if path in ("/healthz", "/readyz", "/openapi.json") or path == "/":
+        if path in ("/healthz", "/readyz", "/openapi.json", "/", "/static/page.js", "/static/page.css"):
             return True
         return path in ("/metrics", SUM_ROUTE) and not self.metrics_need_key
 

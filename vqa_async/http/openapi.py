@@ -15,7 +15,7 @@ ERROR_CODES = ["missing_image", "missing_question", "empty_image", "invalid_imag
                "invalid_json", "invalid_base64", "invalid_field", "invalid_multipart", "invalid_utf8",
                "unsupported_media_type", "overloaded", "not_ready", "timeout", "model_error", "internal_error",
                "not_found", "method_not_allowed", "too_many_parts", "request_timeout", "not_alive",
-               "unauthorized", "too_many_requests", "bad_request"]
+               "unauthorized", "too_many_requests", "bad_request", "cross_site"]
 
 _STR = {"schema": {"type": "string"}}
 REQUEST_ID = {"X-Request-ID": {"description": "the client's own X-Request-ID when it is a token of 1-128 "
@@ -88,8 +88,10 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
         "openapi": "3.0.3",
         "info": {"title": "vqa-async", "version": __version__,
                  "description": "Visual question answering with ModelScope's mPLUG, micro-batched. Every answer "
-                                "carries X-Request-ID; a valid W3C traceparent is echoed. A method a path does "
-                                "not take is 405 method_not_allowed with Allow; an unknown path 404 not_found."},
+                                "carries X-Request-ID; a valid W3C traceparent is echoed. Every response carries "
+                                "Content-Security-Policy, X-Content-Type-Options: nosniff and Referrer-Policy: "
+                                "no-referrer. A method a path does not take is 405 method_not_allowed with Allow; an "
+                                "unknown path 404 not_found."},
         "paths": {
             "/v1/vqa": {"post": {
                 "summary": "Answer questions about an image", **secured, "requestBody": body,
@@ -108,9 +110,14 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                                       "page with the message", "requestBody": {"required": True, "content": {
                                           "multipart/form-data": {"schema": page_form}}},
                            "responses": {"200": _answer("HTML with the answer", HTML),
-                                         **_errors(settings, {**HTML, **_json("Error")}, keys)}}},
+                                         **_errors(settings, {**HTML, **_json("Error")}, keys),
+                                         "403": _answer("cross_site: the form was posted from another site's page "
+                                                        "(Sec-Fetch-Site: cross-site, or an Origin that is not "
+                                                        "this server); the page with the message", HTML)}}},
             "/static/page.js": {"get": {"summary": "The upload page's script (shrinks photos before sending them)",
                                         "responses": {"200": _answer("JavaScript", {"text/javascript": {}})}}},
+            "/static/page.css": {"get": {"summary": "The upload page's style",
+                                         "responses": {"200": _answer("CSS", {"text/css": {}})}}},
             "/healthz": {"get": {"summary": "Process alive: not stuck in a model call, model thread and batcher "
                                             "running", "responses": {"200": _answer("alive", _json("Status")),
                                                                      **probe_503}}},

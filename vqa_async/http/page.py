@@ -1,6 +1,7 @@
 """The upload page. With JavaScript (templates/page.js, served at /static/page.js) it shrinks a large photo in
 the browser, posts it to /v1/vqa and shows the answer in place; without, the form posts the original here and the
-same template renders the answer."""
+same template renders the answer. The page has no inline script or style (templates/page.css), as the
+Content-Security-Policy requires (security.py); a form post from another site is refused."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from vqa_async.http.errors import ApiError
 from vqa_async.http.handlers import ask
 from vqa_async.http.keys import AUTH, SERVICE, SETTINGS
 from vqa_async.http.parse import read_vqa_input
+from vqa_async.http.security import refuse_cross_site
 
-# Beside the page's template, so that the wheel carries both (pyproject.toml maps templates/ into the package).
-SCRIPT = Path(str(resources.files("vqa_async.templates"))) / "page.js"
+# Beside the page's template, so that the wheel carries them (pyproject.toml maps templates/ into the package).
+STATIC = Path(str(resources.files("vqa_async.templates")))
+STATIC_TYPES = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 
 
 def _context(request: web.Request, **extra: object) -> dict[str, object]:
@@ -31,8 +34,15 @@ def _context(request: web.Request, **extra: object) -> dict[str, object]:
 
 
 async def script(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(SCRIPT, headers={"Content-Type": "text/javascript; charset=utf-8",
-                                             "Cache-Control": "no-cache"})
+    return _static("page.js")
+
+
+async def style(request: web.Request) -> web.FileResponse:
+    return _static("page.css")
+
+
+def _static(name: str) -> web.FileResponse:
+    return web.FileResponse(STATIC / name, headers={"Content-Type": STATIC_TYPES[name], "Cache-Control": "no-cache"})
 
 
 async def page(request: web.Request) -> web.Response:
@@ -42,6 +52,7 @@ async def page(request: web.Request) -> web.Response:
 async def page_post(request: web.Request) -> web.Response:
     question = ""
     try:
+        refuse_cross_site(request)  # before the body is read: nothing of a forged post is used
         vqa = await read_vqa_input(request, request.app[SETTINGS])
         question = vqa.questions[0]
         form_client(request, vqa.api_key)
