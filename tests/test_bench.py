@@ -104,6 +104,26 @@ def test_targets_are_judged_from_the_rows() -> None:
         "none)")
 
 
+@pytest.mark.parametrize("regime", ["flat", "linear"])
+def test_the_fairness_replay_runs_the_real_collector_on_a_cost_line(regime: str) -> None:
+    """bench/fairness_floor.py in virtual time (deterministic, nothing timed). Where a batch costs about what one
+    question does (a GPU), fair scheduling keeps the small client within 2x of alone; where the cost grows with
+    the batch (this CPU, the line fitted in bench/RESULTS.md), it cannot. FIFO is more than twice as slow for the
+    small client either way, and the bulk client keeps >= 90 % of its rate."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fairness_floor import scenario
+
+    size, (v_fixed, v_per, d_fixed, d_per) = {"flat": (64, (2.0, 0.02, 10.0, 0.05)),
+                                              "linear": (16, (1.1, 0.7, 7.06, 1.48))}[regime]
+    vision = [0.0] + [v_fixed + v_per * n for n in range(1, size + 1)]
+    decoder = [0.0] + [d_fixed + d_per * n for n in range(1, size + 1)]
+    fair = scenario(vision, decoder, 3.0, 4.0, size, fair=True, shared=0)
+    fifo = scenario(vision, decoder, 3.0, 4.0, size, fair=False, shared=0)
+    assert fair["big_share"] >= 0.9
+    assert fifo["ratio"] > 2 * fair["ratio"]
+    assert (fair["ratio"] <= 2) == (regime == "flat"), fair
+
+
 def from_here() -> set[int]:
     """`ours()` started from this checkout (other people's servers on a shared box come and go)."""
     here = set()
