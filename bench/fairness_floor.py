@@ -8,8 +8,9 @@ its distinct images; the minimum of several calls, so other processes' load drop
 workload (one client at concurrency 64 with 4-question requests, one at concurrency 1 with single questions) on
 the real `BatchCollector` with a virtual clock: one model call at a time, no preemption, each call costing what
 the curve says; a client sends its next request `--overhead-ms` after an answer (HTTP and preprocessing), and
-that time is counted in its latency too. Images repeat as in fairness.py, so the vision encoder runs once per
-image (the image cache holds them all). The last line is JSON: the cost curve and one row per scheduler.
+that time is counted in its latency too. Each client cycles through as many images as fairness.py encodes (256
+and 64), so the vision encoder runs once per image (the image cache holds them all). The last line is JSON: the
+cost curve and one row per scheduler.
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ class Sim:
         self.seen |= fresh
         return (self.vision[len(fresh)] if fresh else 0.0) + self.decoder[sum(it.size for it in batch)]
 
-    async def run(self, clients: dict[str, tuple[int, int]], seconds: float, fair: bool, max_size: int,
+    async def run(self, clients: dict[str, tuple[int, int, int]], seconds: float, fair: bool, max_size: int,
                   shared_max_size: int = 0) -> dict[str, tuple[list[float], int]]:
-        """clients: name -> (concurrency, questions per request). Returns name -> (latencies ms, answers)."""
+        """clients: name -> (concurrency, questions per request, distinct images it cycles through, as
+        fairness.py's encoded forms). Returns name -> (latencies ms, answers)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         collector = BatchCollector(queue, max_size, 0.0, clock=lambda: self.now, fair=fair)
@@ -97,23 +99,27 @@ class Sim:
         cap = shared_max_size if shared_max_size and len(clients) > 1 else None
         arrivals: list[tuple[float, int, str, float]] = []  # (arrival at the queue, request number, client, sent)
         counter = iter(range(10**9))
+        sent_by = dict.fromkeys(clients, 0)
         out: dict[str, tuple[list[float], int]] = {name: ([], 0) for name in clients}
 
         def send(name: str, at: float) -> None:  # half the overhead before the queue, half after the answer
             arrivals.append((at + self.overhead_ms / 2000, next(counter), name, at))
 
-        for name, (conc, _) in clients.items():
+        for name, (conc, _, _) in clients.items():
             for _ in range(conc):
                 send(name, 0.0)
         warm, end = 1.0, 1.0 + seconds
         while self.now < end:
             arrivals.sort()
             while arrivals and arrivals[0][0] <= self.now:
-                t, n, name, sent_at = arrivals.pop(0)
-                ids = torch.zeros(clients[name][1], 1, dtype=torch.long)
+                t, _, name, sent_at = arrivals.pop(0)
+                _, questions, images = clients[name]
+                ids = torch.zeros(questions, 1, dtype=torch.long)
+                sent_by[name] += 1
                 # started_at carries the send time through the collector (the executor is not in the loop).
-                queue.put_nowait(WorkItem(f"{name}-{n % 256}", torch.zeros(0), ids, ids, loop.create_future(),
-                                          float("inf"), enqueued_at=t, client=name, started_at=sent_at))
+                queue.put_nowait(WorkItem(f"{name}-{sent_by[name] % images}", torch.zeros(0), ids, ids,
+                                          loop.create_future(), float("inf"), enqueued_at=t, client=name,
+                                          started_at=sent_at))
             if not collector.pending():
                 self.now = arrivals[0][0]
                 continue
@@ -133,10 +139,10 @@ def scenario(vision: list[float], decoder: list[float], overhead_ms: float, seco
              fair: bool, shared: int) -> dict[str, Any]:
     """The three phases of fairness.py on the replay: the small client alone, the big one alone, both."""
 
-    def run(clients: dict[str, tuple[int, int]]) -> dict[str, tuple[list[float], int]]:
+    def run(clients: dict[str, tuple[int, int, int]]) -> dict[str, tuple[list[float], int]]:
         return asyncio.run(Sim(vision, decoder, overhead_ms).run(clients, seconds, fair, max_size, shared))
 
-    small, big = ("small", (1, 1)), ("big", (BIG_CONCURRENCY, BIG_QUESTIONS))
+    small, big = ("small", (1, 1, 64)), ("big", (BIG_CONCURRENCY, BIG_QUESTIONS, 256))
     s_alone, b_alone, both = run(dict([small])), run(dict([big])), run(dict([small, big]))
     p95 = {k: percentile(sorted(v[0]), 95) for k, v in (("alone", s_alone["small"]), ("shared", both["small"]))}
     rate = {"alone": b_alone["big"][1] / seconds, "shared": both["big"][1] / seconds}
