@@ -33,7 +33,7 @@ from vqa_async.tools.loadgen import percentile
 BIG_CONCURRENCY, BIG_QUESTIONS = 64, 4
 
 
-def cost_curve(device: str, max_size: int, passes: int = 7) -> tuple[list[float], list[float]]:
+def cost_curve(device: str, max_size: int, passes: int) -> tuple[list[float], list[float]]:
     """(vision_ms[k] for k distinct images, decoder_ms[n] for n questions), index 0 unused. Every size is timed
     once per pass, the sizes in a new random order each pass, and the minimum kept: a burst of load from other
     processes lands on a few calls of different sizes, not on all calls of one size."""
@@ -157,14 +157,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-batch-size", type=int, default=16, help="serve's max batch (16 on CPU, 64 on CUDA)")
     p.add_argument("--seconds", type=float, default=20.0, help="virtual seconds per phase")
+    p.add_argument("--passes", type=int, default=11, help="timings of each batch size (the minimum is kept)")
     p.add_argument("--overhead-ms", type=float, default=3.0, help="a request's time outside the model")
     p.add_argument("--shared", default="13,12,8,5",
                    help="also replay fair scheduling with the batch capped at these sizes while both clients are "
                         "active (a what-if: serve has no such cap)")
     args = p.parse_args(argv)
-    measured = cost_curve(args.device, args.max_batch_size)
+    measured = cost_curve(args.device, args.max_batch_size, args.passes)
     fits = [line(points) for points in measured]
-    print("cost of one model call, ms (minimum of 7 calls):", file=sys.stderr)
+    print(f"cost of one model call, ms (minimum of {args.passes} calls):", file=sys.stderr)
     for n in range(1, args.max_batch_size + 1):
         print(f"  {n:3d}: vision of {n} images {measured[0][n]:7.2f}   decoder of {n} questions {measured[1][n]:7.2f}",
               file=sys.stderr)
