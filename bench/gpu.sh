@@ -6,10 +6,14 @@
 #   bash bench/gpu.sh --photos    # the same on bench/photos.py's phone photos (carry .photos too, 17 MB): the
 #                                 # load bench and the breakdown on photos, a breakdown with --gpu-decode (nvJPEG),
 #                                 # and the CPU micro-bench of the upload path; no decoder bench
+#   bash bench/gpu.sh --fairness  # issue 13's fairness figures on the GPU, nothing else (at most 6.5 minutes):
+#                                 # bench/fairness_floor.py (the batch cost curve up to 64 and its replay), then
+#                                 # bench/fairness.py against serve --device cuda (fair and fifo)
 #
 # With the device tool: run `bash bench/gpu.sh --prepare` here, then
 #   run(command="OUT=$OUT bash bench/gpu.sh", carry=[".whl", ".deb"], timeout_s=600)
 #   run(command="OUT=$OUT bash bench/gpu.sh --photos", carry=[".whl", ".deb", ".photos"], timeout_s=600)
+#   run(command="OUT=$OUT bash bench/gpu.sh --fairness", carry=[".whl"], timeout_s=540)
 # Everything it measures lands in $OUT/gpu-results.tgz, one file (the tool brings back at most 8), plus the
 # summary $OUT/summary.md. Each step has its own time limit (synth 90 s, load check 60, load bench 300, breakdown
 # 75, decoder 45: about 9.5 minutes at most with the install), the issue's figures come first, a failed step is
@@ -43,6 +47,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 PHOTOS=""
+FAIRNESS=""
+[[ "${1:-}" == "--fairness" ]] && FAIRNESS=1
 if [[ "${1:-}" == "--photos" ]]; then
   PHOTOS=1
   export VQA_PHOTOS_DIR=${VQA_PHOTOS_DIR:-$PWD/.photos}  # bench/photos.py reads the set from there
@@ -92,6 +98,17 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"; } \
   | tee "$WORK/gpu.txt" >>"$SUMMARY"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$SUMMARY"
+
+if [[ -n $FAIRNESS ]]; then  # the demo model (fairness.py's serve loads it), the GPU's max batch of 64
+  step "fairness floor (cost curve and replay)" 150 bash -c "python3 bench/fairness_floor.py --device $DEVICE \
+    --max-batch-size 64 --shared 48,32,16 2>\"$WORK/fairness_floor.log\" | tee \"$WORK/fairness_floor.json\""
+  grep -E '^(fifo|fair|  (vision|decoder):)' "$WORK/fairness_floor.log" >>"$SUMMARY"
+  step "fairness bench (serve --device $DEVICE, fair then fifo)" 240 bash -c "python3 bench/fairness.py \
+    --seconds 15 --serve-args '--device $DEVICE --torch-threads 1' 2>\"$WORK/fairness.log\" \
+    | tee \"$WORK/fairness.json\""
+  { tail -5 "$WORK/fairness.log"; tail -1 "$WORK/fairness.json"; } >>"$SUMMARY" 2>/dev/null
+  exit 0
+fi
 REPLICA=${REPLICA:-/tmp/mplug-$PRESET-fp16}
 export REPLICA DEVICE WORK SUMMARY
 [[ -f $REPLICA/model.safetensors ]] || step "synth $PRESET replica" 90 \

@@ -217,6 +217,29 @@ async def test_fair_waits_for_requests_on_their_way_from_another_client() -> Non
     assert [it.client for it in batch] == ["a", "b"]
 
 
+async def test_fair_a_request_arriving_during_a_batch_rides_the_next_one() -> None:
+    """The fairness bench's pattern: a bulk client keeps 64 requests of 4 questions queued; a small one sends one
+    question while a batch runs. It waits for that batch (no preemption) and rides the next, never later; the
+    bulk client's batches stay full, and the small one's holds as many bulk requests as fit beside it."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    for _ in range(64):
+        q.put_nowait(make_item(loop, 4, client="bulk"))
+    c = BatchCollector(q, 16, 0.0, fair=True)
+    for _ in range(5):
+        running = await c.collect()  # the batch in progress when the small request arrives
+        assert [it.size for it in running] == [4, 4, 4, 4]
+        small = make_item(loop, 1, client="small")
+        q.put_nowait(small)
+        for _ in running:  # the bulk client sends again as soon as it is answered
+            q.put_nowait(make_item(loop, 4, client="bulk"))
+        shared = await c.collect()
+        assert small in shared
+        assert sorted(it.size for it in shared) == [1, 4, 4, 4]  # a fourth bulk request would make 17
+        for _ in range(len(shared) - 1):
+            q.put_nowait(make_item(loop, 4, client="bulk"))
+
+
 class EchoAnswerer:
     """Answers each question with its first token; fails as told."""
 

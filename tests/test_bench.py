@@ -104,6 +104,29 @@ def test_targets_are_judged_from_the_rows() -> None:
         "none)")
 
 
+@pytest.mark.parametrize("regime", ["flat", "linear"])
+def test_the_fairness_replay_runs_the_real_collector_on_a_cost_line(regime: str) -> None:
+    """bench/fairness_floor.py in virtual time (deterministic, nothing timed): under fair scheduling the small
+    client waits for at most the batch in progress and then its own, so its P95 shared is within two full batches
+    (plus its time outside the model) whatever the cost line; that is about 2x alone where a batch costs what one
+    question does (a GPU), and 5x and more where the cost grows with the batch (this CPU: the line fitted in
+    bench/RESULTS.md). FIFO is more than twice as slow for it either way; the bulk client keeps >= 90 %."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from fairness_floor import scenario
+
+    size, (v_fixed, v_per, d_fixed, d_per) = {"flat": (64, (2.0, 0.02, 10.0, 0.05)),
+                                              "linear": (16, (1.1, 0.7, 7.06, 1.48))}[regime]
+    vision = [0.0] + [v_fixed + v_per * n for n in range(1, size + 1)]
+    decoder = [0.0] + [d_fixed + d_per * n for n in range(1, size + 1)]
+    overhead = 3.0
+    fair = scenario(vision, decoder, overhead, 4.0, size, fair=True, shared=0)
+    fifo = scenario(vision, decoder, overhead, 4.0, size, fair=False, shared=0)
+    assert fair["small_p95_shared_ms"] <= overhead + 2 * (vision[size] + decoder[size]), fair
+    assert fair["big_share"] >= 0.9
+    assert fifo["ratio"] > 2 * fair["ratio"]
+    assert fair["ratio"] < 2.5 if regime == "flat" else fair["ratio"] > 4, fair
+
+
 def from_here() -> set[int]:
     """`ours()` started from this checkout (other people's servers on a shared box come and go)."""
     here = set()
