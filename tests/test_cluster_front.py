@@ -169,6 +169,11 @@ def test_the_worker_sees_the_real_client_not_a_forged_forwarded_for(front: Front
     assert status == 200
     [line] = front.worker_lines("forged-xff")
     assert line["client"] == "127.0.0.2", line
+    # From 127.0.0.1, itself a trusted address: an appended X-Forwarded-For would let the forged entry win.
+    status, _ = front.vqa({"X-Forwarded-For": "203.0.113.9", "X-Request-ID": "forged-xff-2"})
+    assert status == 200
+    [line] = front.worker_lines("forged-xff-2")
+    assert line["client"] == "127.0.0.1", line
 
 
 def test_rate_limit_per_client_answers_429_json_and_spares_the_others(front: Front) -> None:
