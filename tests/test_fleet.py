@@ -7,6 +7,7 @@ Runs as root with iproute2 (and dnsmasq for discovery); skips with the reason el
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import signal
@@ -101,19 +102,24 @@ def dropped_at_mark_down(results: list[Result], front: Front) -> int:
     failed = failures(results)
     if not failed:
         return 0
-    log = [line for line in (front.runtime_dir / "front.log").read_text(errors="replace").splitlines()
-           if "/v1/vqa" in line and " 200 " not in line]
-    dropped = sum(re.search(r" D[A-Z-]-- ", line) is not None for line in log)
+    log = failed_log_lines(front)
+    dropped = sum(re.fullmatch(r"D[A-Z-]--", rec["termination_state"]) is not None for rec in log)
     assert all(r.status == 0 and "ServerDisconnected" in (r.error or "") for r in failed), (failed[:3], log[:5])
     assert len(failed) <= dropped, (failed[:3], log[:5])
     assert len(failed) <= 0.01 * len(results), (len(failed), log[:5])
     return len(failed)
 
 
-def log_errors(front: Front) -> list[str]:
+def failed_log_lines(front: Front) -> list[dict]:  # type: ignore[type-arg]
+    """HAProxy's JSON log lines (--haproxy-log) of requests that did not end in a 200."""
+    lines = (front.runtime_dir / "front.log").read_text(errors="replace").splitlines()
+    records = [json.loads(line) for line in lines if line.startswith('{"time"')]
+    return [rec for rec in records if rec.get("route") == "/v1/vqa" and rec.get("status") != 200]
+
+
+def log_errors(front: Front) -> list[dict]:  # type: ignore[type-arg]
     """HAProxy's log lines of requests that did not end in a 200."""
-    return [line for line in (front.runtime_dir / "front.log").read_text(errors="replace").splitlines()
-            if "/v1/vqa" in line and " 200 " not in line][:5]
+    return failed_log_lines(front)[:5]
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,14 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
         raise ValueError("--resolver only applies to --backend-dns")
     if args.workers < 0 or (args.workers == 0 and not remote and not dns):
         raise ValueError("--workers 0 needs workers elsewhere: --backend HOST:PORT or --backend-dns NAME:PORT")
+    if (args.front_tls_cert is None) != (args.front_tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.front_tls_cert:
+        from vqa_async.cluster.tls import check_pair
+
+        check_pair(args.front_tls_cert, args.front_tls_key)
+    if args.rate_limit < 0:
+        raise ValueError("--rate-limit must be 0 (no limit) or more")
     return ClusterOptions(workers=args.workers, host=args.host, port=args.port, stats_port=args.stats_port,
                           devices=[d for d in (args.devices or "").split(",") if d], backends=remote,
                           backend_dns=dns, queue_timeout_s=args.queue_timeout_s, server_maxconn=args.server_maxconn,
@@ -72,7 +80,8 @@ def cluster_options(args: argparse.Namespace) -> ClusterOptions:
                           haproxy_log=args.haproxy_log, retry_body_bytes=args.retry_body_kb * 1024,
                           ready_timeout_s=args.ready_timeout_s, unready_restart_s=args.unready_restart_s,
                           spares=args.spares, max_conn_per_source=args.max_conn_per_source,
-                          rate_limit_per_source=args.rate_limit_per_source)
+                          rate_limit_per_source=args.rate_limit_per_source, rate_limit=args.rate_limit,
+                          tls_cert=args.front_tls_cert, tls_key=args.front_tls_key)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -184,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the most workers --backend-dns may list (HAProxy's server-template slots)")
     cl.add_argument("--queue-timeout-s", type=float, default=5.0, help="HAProxy queue wait before a 503")
     cl.add_argument("--server-maxconn", type=int, default=0, help="requests in flight per worker (0: 2x batch)")
-    cl.add_argument("--haproxy-log", action="store_true", help="HAProxy's request log on stderr")
+    cl.add_argument("--haproxy-log", action="store_true",
+                    help="HAProxy's request log on stderr: one JSON line per request, the access log's keys")
     cl.add_argument("--retry-body-kb", type=_at_least(16), default=1024,
                     help="uploads up to this size are retried on another worker if theirs dies (HAProxy buffers "
                          "them; a bigger buffer costs HAProxy more CPU per request)")
@@ -204,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--rate-limit-per-source", type=float, default=0.0,
                     help="requests per second one client address may send, averaged over 10 s; more get 429 "
                          "(0: no limit)")
+    # The front's TLS and per-client rate: HAProxy's, so not passed on to the workers (hence their own dests).
+    cl.add_argument("--tls-cert", dest="front_tls_cert", default=None, metavar="PEM",
+                    help="HAProxy serves HTTPS (HTTP/2 and 1.1) with this certificate (chain); needs --tls-key")
+    cl.add_argument("--tls-key", dest="front_tls_key", default=None, metavar="PEM", help="the key of --tls-cert")
+    cl.add_argument("--rate-limit", type=float, default=0.0, metavar="R",
+                    help="requests per second one client may send, averaged over 10 s; the client is its API key "
+                         "(Authorization or X-API-Key) or else its address; more get 429 (0: no limit)")
     cl.add_argument("--wait-s", type=float, default=900.0,
                     help="reload: how long to wait for the outcome")
     # TLS is terminated by the cluster's HAProxy, not by its workers

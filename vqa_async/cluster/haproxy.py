@@ -52,6 +52,7 @@ def render(servers: list[Server], *, host: str, port: int, stats_host: str, stat
            client_timeout_s: float = 30.0, check_interval_ms: int = 500, maxconn: int = 4096,
            log: bool = False, retry_body_bytes: int = RETRYABLE_BODY_BYTES, hard_stop_after_s: float = 45.0,
            max_conn_per_source: int = 0, rate_limit_per_source: float = 0.0,
+           tls_pem: Path | None = None, rate_limit: float = 0.0,
            **remote: Any) -> str:
     """`remote`: the remote workers' variables, from vqa_async.cluster.backends.template_vars."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
@@ -65,8 +66,21 @@ def render(servers: list[Server], *, host: str, port: int, stats_host: str, stat
         log=log, **remote, hard_stop_after_ms=int(hard_stop_after_s * 1000), max_conn_per_source=max_conn_per_source,
         # The rate is counted over 10 s, so that a short burst of a well-behaved client is not refused.
         rate_window_s=RATE_WINDOW_S, max_requests_per_window=int(rate_limit_per_source * RATE_WINDOW_S),
-        errors=[(status, json.dumps(error_body(code, message), separators=(",", ":")), retry_after)
-                for status, code, message, retry_after in EDGE_ERRORS])
+        errors=[(status, edge_error_body(status, code, message), retry_after)
+                for status, code, message, retry_after in EDGE_ERRORS],
+        tls_pem=tls_pem, max_requests_per_client=max(1, round(rate_limit * RATE_WINDOW_S)) if rate_limit else 0)
+
+
+# HAProxy answers these before its `http-request` rules ran (a malformed or too slow request): the request's id
+# is then HAProxy's own unique-id, not the variable those rules set.
+BEFORE_RULES = frozenset({400, 408})
+
+
+def edge_error_body(status: int, code: str, message: str) -> str:
+    """An `lf-string` (HAProxy log-format) body: the API's error shape with the request's id filled in."""
+    rid = "%[unique-id]" if status in BEFORE_RULES else "%[var(txn.request_id)]"
+    body = json.dumps(error_body(code, message.replace("%", "%%"), request_id="@RID@"), separators=(",", ":"))
+    return body.replace("@RID@", rid)
 
 
 def find_haproxy() -> str | None:

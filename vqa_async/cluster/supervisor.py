@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from vqa_async.cluster import haproxy, metrics_dir, reload
+from vqa_async.cluster import haproxy, metrics_dir, reload, tls
 from vqa_async.cluster.backends import DnsBackends, template_vars
 from vqa_async.cluster.children import SparePool, start_child
 from vqa_async.cluster.liveness import Liveness
@@ -84,6 +84,9 @@ class ClusterOptions:
     spares: int = 1  # warm pre-imported processes waiting to replace a dead worker
     max_conn_per_source: int = 256  # 0: no limit
     rate_limit_per_source: float = 0.0  # requests/s per client address over 10 s; 0: no limit
+    rate_limit: float = 0.0  # requests/s per client (its API key, else its address) over 10 s; 0: no limit
+    tls_cert: str | None = None  # with tls_key: HAProxy terminates TLS on the front port
+    tls_key: str | None = None
 
 
 @dataclass
@@ -334,7 +337,9 @@ class Cluster:
             log=self.opt.haproxy_log, retry_body_bytes=self.opt.retry_body_bytes,
             hard_stop_after_s=self.serve.timeout_s + self.opt.queue_timeout_s + 10,
             max_conn_per_source=self.opt.max_conn_per_source,
-            rate_limit_per_source=self.opt.rate_limit_per_source,
+            rate_limit_per_source=self.opt.rate_limit_per_source, rate_limit=self.opt.rate_limit,
+            tls_pem=tls.write_pem(self.opt.tls_cert, self.opt.tls_key, self.runtime_dir)
+            if self.opt.tls_cert and self.opt.tls_key else None,
             **template_vars(self.opt.backends, self.opt.backend_dns),
             # The workers' summed metrics cover local workers only: with remote ones the front's /metrics is a
             # worker's own, as before (scrape each host).

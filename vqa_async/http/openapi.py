@@ -46,7 +46,9 @@ def _errors(settings: Settings, content: dict[str, Any], keys: bool) -> dict[str
         "408": _answer(f"the body did not arrive within {settings.body_timeout_s:g} s (request_timeout)", content),
         "413": _answer("body_too_large or image_too_large", content),
         "415": _answer("unsupported_media_type: send multipart/form-data or application/json", content),
-        "429": _answer("too_many_requests: this client has --max-inflight-per-client requests being answered",
+        "429": _answer("too_many_requests: this client has --max-inflight-per-client requests being answered; "
+                       "or, through `vqa-async cluster`, HAProxy's per-client limits: over --rate-limit requests/s "
+                       "(per API key, else per address), --rate-limit-per-source or --max-conn-per-source",
                        content, **RETRY_AFTER),
         "500": _answer("model_error (this request failed in the model) or internal_error", content),
         "503": _answer("overloaded or not_ready; retry after Retry-After seconds", content, **RETRY_AFTER),

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import ssl
 import statistics
 import subprocess
 import time
@@ -76,7 +77,7 @@ def load(url: str, requests: list[Form] | list[tuple[bytes, str]], concurrency: 
 
 
 async def run_load(url: str, requests: list[Form] | list[tuple[bytes, str]], concurrency: int,
-                   timeout_s: float = 60.0) -> list[Result]:
+                   timeout_s: float = 60.0, ssl_context: ssl.SSLContext | None = None) -> list[Result]:
     """Sends `requests` (encoded Forms, or (image, question) pairs, encoded here) from `concurrency` clients."""
     if requests and not isinstance(requests[0], Form):
         forms = await _encode(cast(list[tuple[bytes, str]], requests))
@@ -84,7 +85,8 @@ async def run_load(url: str, requests: list[Form] | list[tuple[bytes, str]], con
         forms = cast(list[Form], requests)
     results: list[Result] = []
     todo = iter(forms)  # the clients share it: each takes the next request when its last one is answered
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    # ssl_context: an https URL's CA (a self-signed front); otherwise aiohttp's default verification.
+    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ssl_context if ssl_context is not None else True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
 
         async def client() -> None:
