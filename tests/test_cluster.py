@@ -168,7 +168,8 @@ def test_workers_get_every_serve_setting(demo_dir: Path, tmp_path: Path) -> None
     args = build_parser().parse_args(argv)  # what follows the program: cold start or warm spare alike
     assert args.command == "serve" and args.log_level == "DEBUG"
     got = settings_from_args(args, env={})
-    expected = dataclasses.replace(serve, host="127.0.0.1", port=worker.port, torch_threads=cluster._torch_threads())
+    expected = dataclasses.replace(serve, host="127.0.0.1", port=worker.port, torch_threads=cluster._torch_threads(),
+                                   worker_name="w0")
     assert got == expected
 
 

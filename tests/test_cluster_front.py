@@ -156,6 +156,7 @@ def test_request_ids_from_the_front_reach_the_worker_and_the_answer(front: Front
     assert {"time", "request_id", "client", "method", "route", "status", "latency_ms", "upload_bytes",
             "worker"} <= set(line)
     assert (line["route"], line["status"], line["worker"], line["client"]) == ("/v1/vqa", 200, "w0", "127.0.0.1")
+    assert [w["worker"] for w in front.worker_lines(rid)] == ["w0"]  # both logs name the worker alike
     status, hdrs = front.vqa({"X-Request-ID": "client-chosen.42"})  # a sane one is kept end to end
     assert status == 200 and hdrs["x-request-id"] == "client-chosen.42"
     assert front.worker_lines("client-chosen.42") and front.haproxy_lines("client-chosen.42")

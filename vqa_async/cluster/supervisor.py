@@ -168,12 +168,15 @@ class Cluster:
         return max(1, (os.cpu_count() or 1) // max(1, len(on_cpu)))
 
     # Set per worker; every other serve setting is passed on as it is.
-    PER_WORKER = frozenset({"host", "port", "unix_socket", "device", "torch_threads", "log_level", "model"})
+    PER_WORKER = frozenset({"host", "port", "unix_socket", "device", "torch_threads", "log_level", "model",
+                            "worker_name"})
 
     def _worker_args(self, w: Worker) -> list[str]:
         """`vqa-async` arguments (after the program) of worker `w`."""
         args = ["--log-level", self.serve.log_level, "serve", "--host", "127.0.0.1", "--port", str(w.port),
-                "--device", w.device, "--torch-threads", str(self._torch_threads())]
+                "--device", w.device, "--torch-threads", str(self._torch_threads()),
+                # The access log names the worker as HAProxy's log and X-Served-By do (w0, w1, ...), not by pid.
+                "--worker-name", w.name]
         if w.model is not None:
             args += ["--model", w.model]
         for f in fields(self.serve):
