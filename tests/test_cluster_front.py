@@ -188,6 +188,11 @@ def test_rate_limit_per_client_answers_429_json_and_spares_the_others(front: Fro
     err = json.loads(body)["error"]
     assert err["code"] == "too_many_requests" and hdrs["retry-after"] == "1", (err, hdrs)
     assert err["request_id"] == hdrs["x-request-id"] == f"f{len(statuses) - 1}"
+    # HAProxy's own answer is hardened like a worker's.
+    assert hdrs["x-content-type-options"] == "nosniff" and hdrs["referrer-policy"] == "no-referrer"
+    assert "frame-ancestors 'none'" in hdrs["content-security-policy"]
+    status, hdrs, _ = front.request("GET", "/")  # the page keeps its own policy (it loads /static/page.js)
+    assert status == 200 and "script-src 'self'" in hdrs["content-security-policy"]
     # The same address with another key, and Bearer, and no key at all, are other clients: unaffected.
     assert front.request("GET", "/healthz", {"X-API-Key": "calm-key"})[0] == 200
     assert front.request("GET", "/healthz", {"Authorization": "Bearer calm-key-2"})[0] == 200
