@@ -51,3 +51,40 @@ def easy_vqa_images() -> Iterator[list[Path]]:
 
     paths = easy_vqa.get_test_image_paths()
     yield [Path(paths[i]) for i in sorted(paths)[:8]]
+
+
+# -- the upload page in Chromium (test_page.py, test_page_security.py): a module's own fixture of the same name wins --
+@pytest.fixture(scope="module")
+def server(demo_dir: Path) -> Iterator[str]:
+    """The real app with the demo model on a free loopback port."""
+    from page_support import serve_app
+
+    from vqa_async.config import Settings
+
+    yield from serve_app(Settings(model=str(demo_dir), device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Headless Chromium with JavaScript on."""
+    from page_support import chrome
+
+    yield from chrome(js=True)
+
+
+@pytest.fixture(scope="module")
+def browser_nojs() -> Iterator[object]:
+    """Chromium with JavaScript off (content setting), so the form posts to / as plain HTML."""
+    from page_support import chrome
+
+    yield from chrome(js=False)
+
+
+@pytest.fixture(scope="module")
+def image() -> Path:
+    """An easy-VQA test image."""
+    import easy_vqa
+
+    paths = easy_vqa.get_test_image_paths()
+    return Path(paths[sorted(paths)[0]])
+

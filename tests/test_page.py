@@ -20,7 +20,6 @@ from page_support import (
     WebDriverWait,
     api_answer,
     ask_with_js,
-    chrome,
     csp_violations,
     ec,
     serve_app,
@@ -31,31 +30,6 @@ from page_support import (
 from vqa_async.config import Settings
 
 SCREENSHOT_COPY = Path("/tmp/page_screenshot.png")
-
-
-@pytest.fixture(scope="module")
-def server(demo_dir: Path) -> Iterator[str]:
-    yield from serve_app(Settings(model=str(demo_dir), device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
-    """Chromium with JavaScript on."""
-    yield from chrome(js=True)
-
-
-@pytest.fixture(scope="module")
-def browser_nojs() -> Iterator[webdriver.Chrome]:
-    """Chromium with JavaScript off (content setting), so the form posts to / as plain HTML."""
-    yield from chrome(js=False)
-
-
-@pytest.fixture(scope="module")
-def image() -> Path:
-    import easy_vqa
-
-    paths = easy_vqa.get_test_image_paths()
-    return Path(paths[sorted(paths)[0]])
 
 
 # -- the tests -------------------------------------------------------------------------------------------------------

@@ -26,16 +26,13 @@ from page_support import (
     By,
     WebDriverWait,
     ask_with_js,
-    chrome,
     csp_violations,
     ec,
-    serve_app,
     wait_outcome,
     webdriver,
 )
 
 from vqa_async.cluster.supervisor import free_port
-from vqa_async.config import Settings
 from vqa_async.http.security import CONTENT_SECURITY_POLICY, _same_origin
 from vqa_async.tools.loadgen import wait_ready
 
@@ -44,29 +41,6 @@ PAYLOAD = ('"><script>window.__xss = 1; document.title = "xss"</script>'
            "<img src=x onerror=\"window.__xss = 2; document.title = 'xss'\">")
 KEY = "page-key-" + uuid.uuid4().hex
 WRONG_KEY = "wrong-key-" + uuid.uuid4().hex
-
-
-@pytest.fixture(scope="module")
-def server(demo_dir: Path) -> Iterator[str]:
-    yield from serve_app(Settings(model=str(demo_dir), device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
-    yield from chrome(js=True)
-
-
-@pytest.fixture(scope="module")
-def browser_nojs() -> Iterator[webdriver.Chrome]:
-    yield from chrome(js=False)
-
-
-@pytest.fixture(scope="module")
-def image() -> Path:
-    import easy_vqa
-
-    paths = easy_vqa.get_test_image_paths()
-    return Path(paths[sorted(paths)[0]])
 
 
 @pytest.fixture(scope="module")
