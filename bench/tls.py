@@ -25,15 +25,8 @@ from pathlib import Path
 import uvloop
 
 from vqa_async.cluster.supervisor import free_port_pair, serve_command
+from vqa_async.tools.certs import self_signed_cert
 from vqa_async.tools.loadgen import Result, easy_vqa_requests, encode_forms, percentile, run_load
-
-
-def make_cert(where: Path) -> tuple[Path, Path]:
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=bench",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], ctx: ssl.SSLContext | None, timeout: float = 600) -> None:
@@ -60,7 +53,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args, extra = ap.parse_known_args()
     tmp = Path(tempfile.mkdtemp(prefix="vqa-bench-tls-"))
-    cert, key = make_cert(tmp)
+    cert, key = self_signed_cert(tmp, "bench")
     ctx = ssl.create_default_context(cafile=str(cert))
     procs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
     try:

@@ -18,19 +18,12 @@ from cluster_support import RunningCluster, cluster_command, stop_cluster
 from vqa_async.cli import build_parser, cluster_options
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.cluster.supervisor import free_port_pair
+from vqa_async.tools.certs import self_signed_cert
 from vqa_async.tools.loadgen import easy_vqa_requests, encode_forms
 
 pytestmark = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 
 RATE = 2  # --rate-limit: requests/s per client, over 10 s
-
-
-def make_cert(where: Path) -> tuple[Path, Path]:
-    cert, key = where / "cert.pem", where / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=vqa-test",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
 
 
 @dataclass
@@ -86,7 +79,7 @@ def lines_with(path: Path, request_id: str, wait_s: float = 5.0) -> list[dict]: 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[Front]:
     tmp = tmp_path_factory.mktemp("front")
-    cert, key = make_cert(tmp)
+    cert, key = self_signed_cert(tmp)
     port = free_port_pair()
     access, errlog = tmp / "access.jsonl", tmp / "stderr.log"
     with open(errlog, "wb") as err:
@@ -131,9 +124,9 @@ def test_tls_at_the_front_http2_and_http11_and_no_plain_http(front: Front) -> No
 
 def test_tls_files_are_checked_at_startup(tmp_path: Path) -> None:
     """Before any worker starts (cluster_options is the CLI's first step; `main` turns the error into exit 2)."""
-    cert, key = make_cert(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     (tmp_path / "other").mkdir()
-    _, other_key = make_cert(tmp_path / "other")
+    _, other_key = self_signed_cert(tmp_path / "other")
 
     def options(*flags: str) -> None:
         cluster_options(build_parser().parse_args(["cluster", *flags]))

@@ -294,11 +294,9 @@ async def test_access_log_off_writes_nothing(make_client: ClientMaker, tmp_path:
 def test_serve_over_tls_answers_with_its_ca_and_refuses_plain_http(tmp_path: Path, demo_dir: Path,
                                                                    easy_vqa_images: list[Path]) -> None:
     from vqa_async.cluster.supervisor import free_port
+    from vqa_async.tools.certs import self_signed_cert
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "serve", "--model", str(demo_dir),
                              "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key),
