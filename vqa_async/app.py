@@ -6,8 +6,6 @@ import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator
-from importlib import resources
-from pathlib import Path
 
 import aiohttp_jinja2
 import jinja2
@@ -28,7 +26,6 @@ from vqa_async.metrics import SUM_ROUTE, Metrics, multiprocess_dir
 log = logging.getLogger(__name__)
 
 # templates/ at the repository's top level, shipped in the wheel as this package (pyproject.toml).
-TEMPLATES = Path(str(resources.files("vqa_async.templates")))
 
 # multipart framing around the largest accepted upload
 MULTIPART_SLACK = 64 * 1024
@@ -48,7 +45,7 @@ def init_app(settings: Settings) -> web.Application:
                      settings.metrics_need_key)
     app[ACCESS_LOG] = access_log
     app[INFLIGHT] = InflightLimit(settings.max_inflight_per_client)
-    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(page.TEMPLATES), autoescape=True)
     app.router.add_post("/v1/vqa", handlers.vqa_v1)
     app.router.add_post("/vqa", handlers.vqa_legacy)
     app.router.add_get("/", page.page)

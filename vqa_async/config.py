@@ -130,13 +130,12 @@ class Settings:
         for name in ("timeout_s", "max_body_mb", "body_timeout_s", "stuck_timeout_s"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
-        for name in ("image_cache_entries", "image_cache_mb", "torch_threads", "shutdown_timeout_s", "drain_s"):
+        for name in ("image_cache_entries", "image_cache_mb", "torch_threads", "shutdown_timeout_s", "drain_s",
+                     "max_inflight_per_client"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if self.scheduling not in ("fair", "fifo"):
             raise bad("scheduling", "expected fair or fifo")
-        if self.max_inflight_per_client < 0:
-            raise bad("max_inflight_per_client", "must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise bad("tls_cert" if self.tls_cert is None else "tls_key", "--tls-cert and --tls-key go together")
         try:

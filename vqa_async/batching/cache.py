@@ -38,15 +38,17 @@ class ImageEmbeddingCache:
         self._items[key] = embeds
         self.bytes += size
         while len(self._items) > self.max_entries or self.bytes > self.max_bytes:
-            _, evicted = self._items.popitem(last=False)
-            self.bytes -= evicted.numel() * evicted.element_size()
+            self._evict_oldest()
 
     def shrink(self, keep: float) -> None:
         """Drops the least recently used entries until at most `keep` of the bytes remain."""
         target = self.bytes * keep
         while self._items and self.bytes > target:
-            _, evicted = self._items.popitem(last=False)
-            self.bytes -= evicted.numel() * evicted.element_size()
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        _, evicted = self._items.popitem(last=False)
+        self.bytes -= evicted.numel() * evicted.element_size()
 
     def clear(self) -> None:
         self._items.clear()

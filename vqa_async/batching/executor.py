@@ -9,12 +9,13 @@ a request that fails on its own gets an error; out-of-memory also lowers the bat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -93,12 +94,18 @@ class ModelExecutor:
     def probe(self, pixels: torch.Tensor, questions: EncodedQuestions) -> None:
         """Runs on the model thread: one canned question through the whole model. Success clears `sick`."""
         assert self.answerer is not None, "model not loaded"
+        with self._busy():
+            self.answerer.answer_embedded(self.answerer.encode_images(pixels[None]), questions)
+        self.failures_in_a_row = 0
+
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Marks a model call in progress, for the stuck check."""
         self.busy_since = time.monotonic()
         try:
-            self.answerer.answer_embedded(self.answerer.encode_images(pixels[None]), questions)
+            yield
         finally:
             self.busy_since = None
-        self.failures_in_a_row = 0
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -116,19 +123,18 @@ class ModelExecutor:
         await self.call(self._run_batch, loop, batch)
 
     def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem]) -> None:
-        self.busy_since = time.monotonic()
         failed: list[tuple[WorkItem, str]] = []
         try:
-            self._run_or_split(loop, batch, failed)
+            with self._busy():
+                self._run_or_split(loop, batch, failed)
         finally:
-            self.busy_since = None
             # Settled once the whole batch is known: if several requests were tried and none was answered,
             # the fault is the model's.
             systemic = len(failed) > 1 and len(failed) == len(batch)
-            errors: list[tuple[asyncio.Future[Any], BaseException]] = [
-                (item.future, ModelFailing(eid) if systemic else ItemFailed(eid)) for item, eid in failed]
-            if errors:
-                loop.call_soon_threadsafe(_settle_all_failed, errors)
+            if failed:
+                errors: list[Settlement] = [
+                    (item.future, None, ModelFailing(eid) if systemic else ItemFailed(eid)) for item, eid in failed]
+                loop.call_soon_threadsafe(_settle_all, errors)
 
     def _wanted(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> list[WorkItem]:
         """The items someone still waits for; checked before every model call, retries included."""
@@ -158,8 +164,9 @@ class ModelExecutor:
         if failure is None:
             self.failures_in_a_row = 0
             # One wake-up of the event loop for the whole batch, not one per request.
-            loop.call_soon_threadsafe(_settle_all, [(item.future, answers) for item, answers in
-                                                    zip(items, results, strict=True)])
+            done: list[Settlement] = [(item.future, answers, None)
+                                      for item, answers in zip(items, results, strict=True)]
+            loop.call_soon_threadsafe(_settle_all, done)
             return
         # Out of the `except` block, and the traceback dropped: its frames hold the failed call's tensors, which
         # must be freed before the retry (on out-of-memory, above all).
@@ -230,7 +237,7 @@ class ModelExecutor:
         with self.metrics.stage("decoder"):
             stacked = torch.stack(rows)
             # A request may hold more questions than the cap that out-of-memory left: answer it in slices.
-            step = max(1, self._cap)
+            step = self._cap  # at least 1
             answers = []
             for at in range(0, len(rows), step):
                 answers += self.answerer.answer_embedded(stacked[at:at + step], EncodedQuestions(
@@ -259,11 +266,9 @@ def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) 
         fut.set_result(result)
 
 
-def _settle_all(done: list[tuple[asyncio.Future[Any], Any]]) -> None:
-    for fut, result in done:
-        _settle(fut, result, None)
+Settlement = tuple[asyncio.Future[Any], Any, BaseException | None]  # a future, its result, or its error
 
 
-def _settle_all_failed(failed: list[tuple[asyncio.Future[Any], BaseException]]) -> None:
-    for fut, error in failed:
-        _settle(fut, None, error)
+def _settle_all(done: list[Settlement]) -> None:
+    for fut, result, error in done:
+        _settle(fut, result, error)

@@ -29,8 +29,7 @@ class AccessLog:
         self.target = target
         self.worker = worker or str(os.getpid())
         self._file: IO[bytes] | None = None
-        if self.enabled and target != "-":
-            self.reopen()
+        self.reopen()
 
     @property
     def enabled(self) -> bool:

@@ -19,7 +19,8 @@ from vqa_async.http.parse import read_vqa_input
 from vqa_async.http.security import refuse_cross_site
 
 # Beside the page's template, so that the wheel carries them (pyproject.toml maps templates/ into the package).
-STATIC = Path(str(resources.files("vqa_async.templates")))
+# The template and its static files: one folder, in the wheel as vqa_async.templates.
+TEMPLATES = Path(str(resources.files("vqa_async.templates")))
 STATIC_TYPES = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 
 
@@ -42,7 +43,7 @@ async def style(request: web.Request) -> web.FileResponse:
 
 
 def _static(name: str) -> web.FileResponse:
-    return web.FileResponse(STATIC / name, headers={"Content-Type": STATIC_TYPES[name], "Cache-Control": "no-cache"})
+    return web.FileResponse(TEMPLATES / name, headers={"Content-Type": STATIC_TYPES[name], "Cache-Control": "no-cache"})
 
 
 async def page(request: web.Request) -> web.Response:

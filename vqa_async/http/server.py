@@ -15,6 +15,7 @@ import signal
 import ssl
 from typing import Any, cast
 
+import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 
 def _refusal() -> bytes:
-    import orjson
-
     body = orjson.dumps(error_body("overloaded", "this server has too many open connections; retry shortly"))
     head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
             f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n")

@@ -49,6 +49,13 @@ class ImageError(ValueError):
         self.message = message
 
 
+def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """Refuses an image by its header's size, before any decoding (decompression bombs)."""
+    w, h = size
+    if w * h > max_pixels:
+        raise ImageError("image_too_large", f"the image has {w}x{h} pixels, more than the {max_pixels} allowed")
+
+
 def decode_image(data: bytes, max_pixels: int, min_size: int | None = None) -> Image.Image:
     """Bytes to an upright RGB image, or an ImageError naming what is wrong.
 
@@ -64,9 +71,7 @@ def decode_image(data: bytes, max_pixels: int, min_size: int | None = None) -> I
             if img.format not in ALLOWED_FORMATS:
                 raise ImageError("unsupported_image_format",
                                  f"image format {img.format} is not supported; send JPEG, PNG, GIF, BMP, WEBP or TIFF")
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError("image_too_large", f"the image has {w}x{h} pixels, more than the {max_pixels} allowed")
+            check_pixels(img.size, max_pixels)
             if min_size and img.format in ("JPEG", "MPO"):
                 # The mode argument changes nothing for RGB, CMYK or greyscale JPEGs (only "L"/"YCbCr" would):
                 # `to_rgb` converts afterwards, on the smaller image.
@@ -178,10 +183,7 @@ class UploadPixels:
 
         try:
             with Image.open(io.BytesIO(data)) as probe:  # reads the header only: refuse bombs before decoding
-                w, h = probe.size
-            if w * h > self.max_pixels:
-                raise ImageError("image_too_large",
-                                 f"the image has {w}x{h} pixels, more than the {self.max_pixels} allowed")
+                check_pixels(probe.size, self.max_pixels)
             raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             img = decode_jpeg(raw, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
         except ImageError:
