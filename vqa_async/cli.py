@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from vqa_async.cluster.backends import DNS_SLOTS
+
 if TYPE_CHECKING:
     from vqa_async.cluster.supervisor import ClusterOptions
 
@@ -189,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "Service); HAProxy re-resolves it every second and adds or removes workers without a reload")
     cl.add_argument("--resolver", default=None, metavar="IP:PORT",
                     help="the DNS server for --backend-dns (default: the nameservers of /etc/resolv.conf)")
-    cl.add_argument("--backend-dns-slots", type=int, default=16,
+    cl.add_argument("--backend-dns-slots", type=int, default=DNS_SLOTS,
                     help="the most workers --backend-dns may list (HAProxy's server-template slots)")
     cl.add_argument("--queue-timeout-s", type=float, default=5.0, help="HAProxy queue wait before a 503")
     cl.add_argument("--server-maxconn", type=int, default=0, help="requests in flight per worker (0: 2x batch)")
@@ -256,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_openmp_threads() -> None:
     """OpenMP threads that sleep when idle instead of spinning, unless the environment says otherwise. It must be
     set before torch loads libgomp. torch's threads otherwise spin for CPU between parallel regions, against the
-    threads decoding uploads and the event loop: one `serve` on 2 cores answered photos at 4.95/s with its 2
-    threads spinning, 17.13/s with them sleeping (bench/RESULTS.md, photos)."""
+    threads decoding uploads and the event loop: one `serve` answered photos 3.5x slower with them spinning
+    (bench/RESULTS.md, photos)."""
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -1,29 +1,13 @@
 """Workers on other machines: named `--backend HOST:PORT`s, and `--backend-dns NAME:PORT`, a DNS name that lists
 them (a Kubernetes headless Service, Consul, any A records), which HAProxy re-resolves while it runs, so that
-workers come and go without a reload. This module turns the flags into the template's variables."""
+workers come and go without a reload. This module checks the flags."""
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Any
 
 DNS_SLOTS = 16
-# A server that its health check marks down, or that its DNS name no longer lists, has its requests in flight
-# cut at once; HAProxy still holds each request (option http-buffer-request) and retries it on another worker
-# (retry-on empty-response). Without this, a request on a host whose link went down hangs until
-# `timeout server` and comes back as a 504. The price (HAProxy 2.6): a request still connecting to the host at
-# that instant is dropped rather than retried (log state D---); least-connections rarely sends new requests to
-# a host that has stuck ones, so this shows only on a link slow enough to fail health checks mid-upload.
-REMOTE_OPTIONS = "on-marked-down shutdown-sessions"
-
-
-@dataclass(frozen=True)
-class RemoteServer:
-    name: str
-    address: str  # host:port
-
-
 @dataclass(frozen=True)
 class DnsBackends:
     """`server-template` slots filled from the A records of `name`; `resolver` None: /etc/resolv.conf's."""
@@ -32,7 +16,6 @@ class DnsBackends:
     port: int
     resolver: str | None = None
     slots: int = DNS_SLOTS
-    prefix: str = "dns"  # server names: dns1, dns2, …
 
 
 def _port(text: str, what: str) -> int:
@@ -65,8 +48,3 @@ def parse_backend_dns(text: str, resolver: str | None = None, slots: int = DNS_S
         raise ValueError(f"--backend-dns-slots must be at least 1, got {slots}")
     return DnsBackends(name=name, port=_port(port, f"--backend-dns {text!r}"), resolver=resolver, slots=slots)
 
-
-def template_vars(backends: list[str], dns: DnsBackends | None) -> dict[str, Any]:
-    """The variables haproxy/haproxy.cfg.j2's remote-worker blocks use."""
-    return {"remote_servers": [RemoteServer(f"remote{i}", b) for i, b in enumerate(backends)],
-            "dns": dns, "remote_options": REMOTE_OPTIONS}

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import jinja2
 
+from vqa_async.cluster.backends import DnsBackends
 from vqa_async.cluster.children import start_child
 from vqa_async.http.errors import error_body
 
@@ -52,9 +54,10 @@ def render(servers: list[Server], *, host: str, port: int, stats_host: str, stat
            client_timeout_s: float = 30.0, check_interval_ms: int = 500, maxconn: int = 4096,
            log: bool = False, retry_body_bytes: int = RETRYABLE_BODY_BYTES, hard_stop_after_s: float = 45.0,
            max_conn_per_source: int = 0, rate_limit_per_source: float = 0.0,
-           tls_pem: Path | None = None, rate_limit: float = 0.0,
-           **remote: Any) -> str:
-    """`remote`: the remote workers' variables, from vqa_async.cluster.backends.template_vars."""
+           tls_pem: Path | None = None, rate_limit: float = 0.0, remote_servers: Sequence[Server] = (),
+           dns: DnsBackends | None = None, summed_metrics: bool = False) -> str:
+    """`remote_servers` and `dns`: workers on other machines (vqa_async/cluster/backends.py); `summed_metrics`:
+    the front's /metrics is the workers' sum (vqa_async/cluster/metrics_dir.py)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
     return env.get_template("haproxy.cfg.j2").render(
@@ -63,7 +66,8 @@ def render(servers: list[Server], *, host: str, port: int, stats_host: str, stat
         queue_timeout_s=queue_timeout_s, server_timeout_s=server_timeout_s, client_timeout_s=client_timeout_s,
         check_interval_ms=check_interval_ms, maxconn=maxconn, maxrewrite=MAXREWRITE,
         bufsize=retry_body_bytes + MAXREWRITE + HEADERS_ROOM,
-        log=log, **remote, hard_stop_after_ms=int(hard_stop_after_s * 1000), max_conn_per_source=max_conn_per_source,
+        log=log, remote_servers=remote_servers, dns=dns, summed_metrics=summed_metrics,
+        hard_stop_after_ms=int(hard_stop_after_s * 1000), max_conn_per_source=max_conn_per_source,
         # The rate is counted over 10 s, so that a short burst of a well-behaved client is not refused.
         rate_window_s=RATE_WINDOW_S, max_requests_per_window=int(rate_limit_per_source * RATE_WINDOW_S),
         errors=[(status, edge_error_body(status, code, message), retry_after)

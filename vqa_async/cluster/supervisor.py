@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from vqa_async.cluster import haproxy, metrics_dir, reload, tls
-from vqa_async.cluster.backends import DnsBackends, template_vars
+from vqa_async.cluster.backends import DnsBackends
 from vqa_async.cluster.children import SparePool, start_child
 from vqa_async.cluster.liveness import Liveness
 from vqa_async.cluster.reload import ReloadFailed
@@ -343,7 +343,8 @@ class Cluster:
             rate_limit_per_source=self.opt.rate_limit_per_source, rate_limit=self.opt.rate_limit,
             tls_pem=tls.write_pem(self.opt.tls_cert, self.opt.tls_key, self.runtime_dir)
             if self.opt.tls_cert and self.opt.tls_key else None,
-            **template_vars(self.opt.backends, self.opt.backend_dns),
+            remote_servers=[haproxy.Server(f"remote{i}", b) for i, b in enumerate(self.opt.backends)],
+            dns=self.opt.backend_dns,
             # The workers' summed metrics cover local workers only: with remote ones the front's /metrics is a
             # worker's own, as before (scrape each host).
             summed_metrics=bool(self.workers) and not self.opt.backends and self.opt.backend_dns is None)
