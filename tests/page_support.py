@@ -30,6 +30,7 @@ if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
                 allow_module_level=True)
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webelement import WebElement
@@ -165,6 +166,14 @@ def chrome(js: bool) -> Iterator[webdriver.Chrome]:
         if driver is not None:
             driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_navigated(driver: webdriver.Chrome, html: WebElement) -> None:
+    """Until the page that `html` belongs to is gone (a form post navigated). Mid-navigation Chromium may answer a
+    question about the old element with an inspector error ("Node with given id does not belong to the
+    document") instead of a stale-element error: that is the same news, so keep polling."""
+    WebDriverWait(driver, ANSWER_TIMEOUT_S, poll_frequency=0.1, ignored_exceptions=(WebDriverException,)).until(
+        ec.staleness_of(html), "the form post did not navigate")
 
 
 def wait_outcome(driver: webdriver.Chrome) -> WebElement:

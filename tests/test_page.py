@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from page_support import (
-    ANSWER_TIMEOUT_S,
     QUESTION,
     By,
     WebDriverWait,
@@ -23,6 +22,7 @@ from page_support import (
     csp_violations,
     ec,
     serve_app,
+    wait_navigated,
     wait_outcome,
     webdriver,
 )
@@ -73,8 +73,7 @@ def test_no_js_form_post_renders_answer(server: str, browser_nojs: webdriver.Chr
     html = browser_nojs.find_element(By.TAG_NAME, "html")
     browser_nojs.find_element(By.ID, "submit").click()
 
-    WebDriverWait(browser_nojs, ANSWER_TIMEOUT_S, poll_frequency=0.1).until(
-        ec.staleness_of(html), "the form post did not navigate")
+    wait_navigated(browser_nojs, html)
     out = wait_outcome(browser_nojs)
     assert out.get_attribute("id") == "answer", out.text
     assert out.get_attribute("textContent") == expected["answer"]
@@ -181,7 +180,6 @@ def test_no_js_posts_the_original_photo(photo_server: str, browser_nojs: webdriv
     browser_nojs.find_element(By.ID, "question").send_keys("what is in the picture?")
     html = browser_nojs.find_element(By.TAG_NAME, "html")
     browser_nojs.find_element(By.ID, "submit").click()
-    WebDriverWait(browser_nojs, ANSWER_TIMEOUT_S, poll_frequency=0.1).until(
-        ec.staleness_of(html), "the form post did not navigate")
+    wait_navigated(browser_nojs, html)
     assert wait_outcome(browser_nojs).get_attribute("id") == "answer"
     assert _received(photo_uploads, before) == original.read_bytes()

@@ -28,6 +28,7 @@ from page_support import (
     ask_with_js,
     csp_violations,
     ec,
+    wait_navigated,
     wait_outcome,
     webdriver,
 )
@@ -222,8 +223,7 @@ def post_form(driver: webdriver.Chrome, base: str, upload: Path, question: str, 
         driver.execute_script("HTMLFormElement.prototype.submit.call(document.getElementById('ask'));")
     else:
         driver.find_element(By.ID, "submit").click()
-    WebDriverWait(driver, ANSWER_TIMEOUT_S, poll_frequency=0.1).until(ec.staleness_of(html),
-                                                                     "the form post did not navigate")
+    wait_navigated(driver, html)
 
 
 @pytest.mark.parametrize("upload", ["image", "not_an_image"])
