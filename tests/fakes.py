@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -25,10 +26,11 @@ class FaultyAnswerer:
         self.batches: list[int] = []
         self.questions_seen: list[list[int]] = []
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.real.encode_images(pixels)
+    def encode_images(self, pixels: torch.Tensor, pause: Callable[[], None] | None = None) -> torch.Tensor:
+        return self.real.encode_images(pixels, pause)
 
-    def answer_embedded(self, image_embeds: torch.Tensor, questions: EncodedQuestions) -> list[Answered]:
+    def answer_embedded(self, image_embeds: torch.Tensor, questions: EncodedQuestions,
+                        pause: Callable[[], None] | None = None) -> list[Answered]:
         n = int(questions.input_ids.shape[0])
         self.batches.append(n)
         self.questions_seen.append([int(x) for x in questions.input_ids[:, 1]])
@@ -40,4 +42,4 @@ class FaultyAnswerer:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         if self.poison_token is not None and (questions.input_ids == self.poison_token).any():
             raise RuntimeError("injected failure")
-        return self.real.answer_embedded(image_embeds, questions)
+        return self.real.answer_embedded(image_embeds, questions, pause)

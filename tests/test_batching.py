@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -240,6 +242,37 @@ async def test_fair_a_request_arriving_during_a_batch_rides_the_next_one() -> No
             q.put_nowait(make_item(loop, 4, client="bulk"))
 
 
+async def test_newcomers_are_the_light_clients_with_nothing_in_the_running_batch() -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    c = BatchCollector(q, max_size=8, max_wait_s=0.0)
+    for _ in range(6):
+        q.put_nowait(make_item(loop, 4, client="bulk"))
+    running = await c.collect()
+    busy = {it.client for it in running}
+    assert c.newcomers(busy, 8) == []  # only the bulk client waits: nothing breaks in
+    assert c.newcomers(set(), 8) == []  # nor does it when not in the batch: its backlog is more than a round
+    small, other, heavy = (make_item(loop, 1, client="small"), make_item(loop, 2, client="other", weight=2),
+                           make_item(loop, 2, client="other", weight=2))
+    for it in (small, other, heavy, *(make_item(loop, 1, client="second bulk") for _ in range(2))):
+        q.put_nowait(it)
+    taken = c.newcomers(busy, 8)
+    assert taken == [small, other, heavy]  # "other" has two queued, within its weight of 2
+    assert c.pending() == 4 + 2  # the bulk clients wait for the next batch
+    assert c.newcomers(busy | {"small", "other"}, 8) == []
+
+
+async def test_newcomers_stay_within_the_cap_but_a_first_request_always_goes() -> None:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    c = BatchCollector(q, max_size=4, max_wait_s=0.0)
+    big, small = make_item(loop, 6, client="a"), make_item(loop, 1, client="b")
+    q.put_nowait(big)
+    q.put_nowait(small)
+    assert c.newcomers(set(), 4) == [big]  # larger than the cap: alone (the executor answers it in slices)
+    assert c.newcomers(set(), 4) == [small]
+
+
 class EchoAnswerer:
     """Answers each question with its first token; fails as told."""
 
@@ -249,11 +282,12 @@ class EchoAnswerer:
         self.calls: list[int] = []
         self.encoded: list[int] = []
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, pause: Callable[[], None] | None = None) -> torch.Tensor:
         self.encoded.append(pixels.shape[0])
         return torch.zeros(pixels.shape[0], 2, 2)
 
-    def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions) -> list[Answered]:
+    def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions,
+                        pause: Callable[[], None] | None = None) -> list[Answered]:
         self.calls.append(q.input_ids.shape[0])
         if self.oom_above is not None and q.input_ids.shape[0] > self.oom_above:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate (injected)")
@@ -381,7 +415,8 @@ class HoardingAnswerer(EchoAnswerer):
         self.alive_at_retry: list[int] = []
         self._ref = weakref.ref
 
-    def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions) -> list[Answered]:
+    def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions,
+                        pause: Callable[[], None] | None = None) -> list[Answered]:
         self.alive_at_retry.append(sum(r() is not None for r in self.held))
         activations = torch.zeros(1000, 1000)
         self.held.append(self._ref(activations))
@@ -407,7 +442,8 @@ async def test_a_retry_skips_requests_whose_deadline_passed_meanwhile() -> None:
     loop = asyncio.get_running_loop()
 
     class SlowFailing(EchoAnswerer):
-        def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions) -> list[Answered]:
+        def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions,
+                            pause: Callable[[], None] | None = None) -> list[Answered]:
             time.sleep(0.3)
             return super().answer_embedded(embeds, q)
 
@@ -458,3 +494,88 @@ async def test_a_batch_where_every_request_fails_is_the_models_fault() -> None:
     assert not isinstance(e.value, ModelFailing)
     assert mixed[1].future.result()[0].text == "1001"
     ex.shutdown()
+
+
+class SteppingAnswerer(EchoAnswerer):
+    """Calls `pause` between three steps; the first call waits at its first step until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+        self.first_step = threading.Event()
+        self.release = threading.Event()
+
+    def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions,
+                        pause: Callable[[], None] | None = None) -> list[Answered]:
+        name = str(int(q.input_ids[0, 0]))
+        for step in range(3):
+            self.order.append(f"{name}:{step}")
+            if not self.first_step.is_set():
+                self.first_step.set()
+                self.release.wait(10)
+            if pause is not None:
+                pause()
+        return super().answer_embedded(embeds, q)
+
+
+async def test_a_preempting_batch_is_answered_between_the_steps_of_the_running_one() -> None:
+    loop = asyncio.get_running_loop()
+    ans = SteppingAnswerer()
+    ex = executor_with(ans)
+    bulk = [make_item(loop, 4, token=1000, client="bulk")]
+    small = [make_item(loop, 1, token=2000, key="other", client="small")]
+    settled: list[str] = []
+    bulk[0].future.add_done_callback(lambda _: settled.append("bulk"))
+    small[0].future.add_done_callback(lambda _: settled.append("small"))
+    run = asyncio.ensure_future(ex.run(loop, bulk))
+    await loop.run_in_executor(None, ans.first_step.wait, 10)
+    ex.preempt(small)
+    ans.release.set()
+    await run
+    await asyncio.sleep(0)  # the futures' callbacks
+    assert settled == ["small", "bulk"]  # answered inside the bulk batch, not after it
+    assert ans.order == ["1000:0", "2000:0", "2000:1", "2000:2", "1000:1", "1000:2"]
+    assert [a.text for a in bulk[0].future.result()] == ["1000"] * 4 and small[0].future.result()[0].text == "2000"
+    assert ex.metrics.registry.get_sample_value("vqa_preemptions_total") == 1
+    assert ex.take_unstarted() == []
+    ex.shutdown()
+
+
+async def test_a_preempting_batch_that_fails_fails_alone_and_late_ones_are_handed_back() -> None:
+    loop = asyncio.get_running_loop()
+    ans = SteppingAnswerer()
+    ans.fail_token = 1666
+    ex = executor_with(ans)
+    bulk = [make_item(loop, 2, token=1000, client="bulk")]
+    poison = [make_item(loop, 1, token=1666, key="p", client="p")]
+    run = asyncio.ensure_future(ex.run(loop, bulk))
+    await loop.run_in_executor(None, ans.first_step.wait, 10)
+    ex.preempt(poison)
+    ans.release.set()
+    await run
+    with pytest.raises(ItemFailed):
+        poison[0].future.result()
+    assert bulk[0].future.result()[0].text == "1000"
+    late = [make_item(loop, 1, client="late")]
+    ex.preempt(late)  # handed over as the batch ended: nobody ran it, the batcher gets it back
+    assert ex.take_unstarted() == [late]
+    ex.shutdown()
+
+
+async def test_shutdown_answers_what_is_queued_held_or_handed_over() -> None:
+    """Requests the collector held between batches, or handed over for preemption and not started, used to be
+    left unanswered by `stop` (it emptied only the queue)."""
+    from vqa_async.batching.service import NotReady, VqaService
+    from vqa_async.config import Settings
+
+    loop = asyncio.get_running_loop()
+    service = VqaService(Settings(device="cpu"), Metrics())
+    queued, held, handed = make_item(loop, client="a"), make_item(loop, client="b"), make_item(loop, client="c")
+    service.queue.put_nowait(held)
+    service.collector._drain()  # taken from the queue, held in its client's line
+    service.queue.put_nowait(queued)
+    service.executor.preempt([handed])
+    await service.stop()
+    for item in (queued, held, handed):
+        with pytest.raises(NotReady):
+            item.future.result()

@@ -79,6 +79,10 @@ class Settings:
                 "loopback)"})
     scheduling: str = field(default="fair", metadata={
         "help": "fair (each batch filled round-robin across clients, by key name or address) or fifo"})
+    preempt_share: float = field(default=0.5, metadata={
+        "help": "with fair scheduling: the most of the model's time that requests of light clients may take by "
+                "being answered inside a running bulk batch, between its layers (0: never; they then ride in the "
+                "next batch)"})
     max_inflight_per_client: int = field(default=0, metadata={
         "help": "requests of one client being answered at once; more are 429 too_many_requests (0: no limit)"})
     tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate (chain): serve HTTPS"})
@@ -136,6 +140,8 @@ class Settings:
                 raise bad(name, "must not be negative")
         if self.scheduling not in ("fair", "fifo"):
             raise bad("scheduling", "expected fair or fifo")
+        if not 0 <= self.preempt_share <= 1:
+            raise bad("preempt_share", "expected a fraction from 0 to 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise bad("tls_cert" if self.tls_cert is None else "tls_key", "--tls-cert and --tls-key go together")
         try:

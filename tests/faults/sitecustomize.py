@@ -3,7 +3,8 @@ VQA_TEST_FAULT_FILE at a JSON file {"<worker port>": "fail" | "hang" | "slow:<se
 
 The worker listening on that port (its `--port` in sys.argv, read at each call, so that a warm spare told its
 port later is covered too) then has every model call fail, hang forever, or take that long. The file is read
-at each call, so a test can make a worker sick and well again while it runs.
+at each call, so a test can make a worker sick and well again while it runs. Each faulted call first appends
+its port to `<VQA_TEST_FAULT_FILE>.calls`, so that a test can wait until a call is in progress.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ FAULT_FILE = os.environ.get("VQA_TEST_FAULT_FILE")
 TARGET = "vqa_async.model.answer"
 
 
-def _fault() -> str | None:
+def _port() -> str | None:
     argv = sys.argv
-    port = argv[argv.index("--port") + 1] if "--port" in argv[:-1] else None
+    return argv[argv.index("--port") + 1] if "--port" in argv[:-1] else None
+
+
+def _fault() -> str | None:
     try:
         with open(str(FAULT_FILE), encoding="utf-8") as f:
-            return json.load(f).get(port)
+            return json.load(f).get(_port())
     except (OSError, ValueError):
         return None
 
@@ -37,6 +41,9 @@ def _patch(module: ModuleType) -> None:
 
     def answer_embedded(self: Any, *args: Any, **kwargs: Any) -> Any:
         fault = _fault()
+        if fault:
+            with open(f"{FAULT_FILE}.calls", "a", encoding="utf-8") as f:
+                f.write(f"{_port()}\n")
         if fault == "fail":
             raise RuntimeError("injected model failure (tests/faults/sitecustomize.py)")
         if fault == "hang":

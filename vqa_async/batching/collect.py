@@ -23,6 +23,10 @@ class BatchCollector:
     FIFO. A request that does not fit waits at the head of its line for the next batch; the next batch begins
     with the clients that the last one served least recently. With a single client (or `fair=False`, which puts
     every request in one line) batches are exactly those of a FIFO queue.
+
+    While a batch runs, `newcomers` takes the requests of light clients (all they have queued fits in one round)
+    that have nothing in it, for the executor to answer inside that batch (see `ModelExecutor.preempt`). A bulk
+    client never breaks in: it gets its share in the next batch, as a batch of its own would make it wait.
     """
 
     def __init__(self, queue: asyncio.Queue[WorkItem], max_size: int, max_wait_s: float,
@@ -68,6 +72,39 @@ class BatchCollector:
                 self._hold(await asyncio.wait_for(self.queue.get(), remaining))
             except TimeoutError:
                 break
+        return batch
+
+    def take_all(self) -> list[WorkItem]:
+        """Everything queued or held, for a shutdown to answer."""
+        self._drain()
+        items = [item for line in self._lines.values() for item in line]
+        self._lines.clear()
+        self._held = 0
+        return items
+
+    async def arrival(self) -> None:
+        """Returns once a request has arrived (it is held, for `newcomers` or the next batch)."""
+        self._hold(await self.queue.get())
+
+    def newcomers(self, busy: set[str], limit: int) -> list[WorkItem]:
+        """Up to `limit` questions of the held requests of clients not in `busy` whose line holds no more than
+        one round (`weight` requests)."""
+        self._drain()
+        batch: list[WorkItem] = []
+        size = 0
+        for client in [c for c in self._lines if c not in busy]:
+            line = self._lines[client]
+            if len(line) > max(1, line[0].weight):
+                continue
+            while line:
+                if batch and size + line[0].size > limit:
+                    break
+                item = line.popleft()
+                batch.append(item)
+                self._held -= 1
+                size += item.size
+            if not line:
+                del self._lines[client]
         return batch
 
     def _fill(self, batch: list[WorkItem], size: int, limit: int) -> int:

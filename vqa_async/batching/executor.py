@@ -4,6 +4,14 @@ The batcher task (on the event loop) collects a batch and hands it here; this th
 runs the vision encoder once per distinct image not in the cache, answers every question in one call, and replies
 to each request's future with `loop.call_soon_threadsafe`. A batch that raises is split and retried, so that only
 a request that fails on its own gets an error; out-of-memory also lowers the batch cap for a while.
+
+Preemption: while a batch runs, the batcher may hand over (`preempt`) the requests of light clients that have
+nothing in it. The model thread answers them at the running batch's next stage boundary (after each layer of the
+vision, text and fusion encoders, between decoder steps), then goes on with the batch where it stopped: a client
+with one question waits for one layer of a bulk client's batch, not for the whole batch. Preempting batches do not
+preempt. They may take at most `preempt_share` of the model's time (a token bucket of one second): a call for one
+question costs nearly as much as one for many, so a light client asking as fast as it is answered would otherwise
+take the bulk client's throughput; past the budget its requests ride in the next batch instead.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,6 +39,7 @@ from vqa_async.model.preprocess import EncodedQuestions
 log = logging.getLogger(__name__)
 
 OOM_COOLDOWN_S = 30.0
+PREEMPT_WINDOW_S = 1.0  # the preemption budget's bucket holds `preempt_share` of this
 
 
 class ItemFailed(Exception):
@@ -51,7 +61,7 @@ def is_oom(e: BaseException) -> bool:
 
 class ModelExecutor:
     def __init__(self, metrics: Metrics, max_batch_size: int, cache: ImageEmbeddingCache,
-                 sick_after_failures: int = 5) -> None:
+                 sick_after_failures: int = 5, preempt_share: float = 0.5) -> None:
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.cache = cache
@@ -61,6 +71,15 @@ class ModelExecutor:
         self._thread: threading.Thread | None = None
         self._cap = max_batch_size
         self._cap_until = 0.0
+        # Preemption: batches handed over while a batch runs (deque: thread-safe append and popleft).
+        self._urgent: deque[list[WorkItem]] = deque()
+        self._in_urgent = False  # model thread only
+        self._paused_s = 0.0  # model thread only: time the running batches spent paused for urgent ones
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.preempt_share = preempt_share
+        self._budget_lock = threading.Lock()
+        self._budget_s = preempt_share * PREEMPT_WINDOW_S  # seconds of model time preempting batches may take
+        self._budget_at = time.monotonic()
         # Health, written by the model thread and read by the event loop (single assignments: no lock needed).
         self.failures_in_a_row = 0  # requests that failed in the model on their own, since the last success
         self.busy_since: float | None = None  # time.monotonic() when the running model call started
@@ -100,12 +119,13 @@ class ModelExecutor:
 
     @contextlib.contextmanager
     def _busy(self) -> Iterator[None]:
-        """Marks a model call in progress, for the stuck check."""
+        """Marks a model call in progress, for the stuck check (a preempting batch renews the mark)."""
+        outer = self.busy_since
         self.busy_since = time.monotonic()
         try:
             yield
         finally:
-            self.busy_since = None
+            self.busy_since = None if outer is None else time.monotonic()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -122,8 +142,51 @@ class ModelExecutor:
     async def run(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem]) -> None:
         await self.call(self._run_batch, loop, batch)
 
+    def may_preempt(self) -> bool:
+        """Event loop: whether the preemption budget has time left."""
+        return self._budget(0.0) > 0
+
+    def _budget(self, spend: float) -> float:
+        """Refills the budget for the time since the last call, takes `spend` seconds from it, returns it."""
+        with self._budget_lock:
+            now = time.monotonic()
+            self._budget_s = min(self.preempt_share * PREEMPT_WINDOW_S,
+                                 self._budget_s + self.preempt_share * (now - self._budget_at)) - spend
+            self._budget_at = now
+            return self._budget_s
+
+    def preempt(self, batch: list[WorkItem]) -> None:
+        """Event loop, while `run` is in progress: answer `batch` at the running batch's next stage boundary."""
+        self._urgent.append(batch)
+
+    def take_unstarted(self) -> list[list[WorkItem]]:
+        """Event loop, once `run` has returned: the preempting batches that came too late to break in."""
+        out = []
+        with contextlib.suppress(IndexError):  # empty (at shutdown the model thread may still take from it)
+            while True:
+                out.append(self._urgent.popleft())
+        return out
+
+    def _pause(self) -> None:
+        """Model thread, at a stage boundary of the running batch: answers the batches handed over meanwhile."""
+        if self._in_urgent or not self._urgent:
+            return
+        assert self._loop is not None
+        t0 = time.monotonic()
+        self._in_urgent = True
+        try:
+            while self._urgent:
+                self.metrics.preemptions.inc()
+                self._run_batch(self._loop, self._urgent.popleft())
+        finally:
+            self._in_urgent = False
+            took = time.monotonic() - t0
+            self._paused_s += took
+            self._budget(took)
+
     def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem]) -> None:
         failed: list[tuple[WorkItem, str]] = []
+        self._loop = loop
         try:
             with self._busy():
                 self._run_or_split(loop, batch, failed)
@@ -206,6 +269,7 @@ class ModelExecutor:
     def _answer(self, items: list[WorkItem]) -> list[list[Answered]]:
         assert self.answerer is not None, "model not loaded"
         t0 = time.monotonic()
+        paused0 = self._paused_s
         for item in items:
             item.started_at = t0
             self.metrics.queue_wait.observe(t0 - item.enqueued_at)
@@ -224,7 +288,7 @@ class ModelExecutor:
         if misses:
             first = {i.image_key: i for i in reversed(items)}
             with self.metrics.stage("vision"):
-                fresh = self.answerer.encode_images(torch.stack([first[k].pixels for k in misses]))
+                fresh = self.answerer.encode_images(torch.stack([first[k].pixels for k in misses]), self._pause)
                 if fresh.is_cuda:  # the stage's time is the GPU's, not that of queueing kernels
                     torch.cuda.synchronize(fresh.device)
             for k, e in zip(misses, fresh):
@@ -241,11 +305,11 @@ class ModelExecutor:
             answers = []
             for at in range(0, len(rows), step):
                 answers += self.answerer.answer_embedded(stacked[at:at + step], EncodedQuestions(
-                    questions.input_ids[at:at + step], questions.attention_mask[at:at + step]))
+                    questions.input_ids[at:at + step], questions.attention_mask[at:at + step]), pause=self._pause)
         n = sum(i.size for i in items)
         if len(answers) != n:  # every future is answered, with the answer that is its own
             raise RuntimeError(f"the model returned {len(answers)} answers for {n} questions")
-        compute = time.monotonic() - t0
+        compute = time.monotonic() - t0 - (self._paused_s - paused0)  # not the preempting batches' time
         self.metrics.batch_size.observe(n)
         self.metrics.batch_images.observe(len(keys))
         self.metrics.compute.observe(compute)

@@ -72,7 +72,8 @@ class VqaService:
         self.loaded: LoadedModel | None = None
         self.queue: asyncio.Queue[WorkItem] = asyncio.Queue(maxsize=settings.max_queue)
         self.cache = ImageEmbeddingCache(settings.image_cache_entries, int(settings.image_cache_mb * 2**20))
-        self.executor = ModelExecutor(metrics, settings.max_batch_size, self.cache, settings.sick_after_failures)
+        self.executor = ModelExecutor(metrics, settings.max_batch_size, self.cache, settings.sick_after_failures,
+                                      settings.preempt_share)
         self._incoming = 0  # accepted requests still being preprocessed: the collector waits for them
         self.collector = BatchCollector(self.queue, settings.max_batch_size, settings.max_wait_ms / 1000,
                                         incoming=lambda: self._incoming, fair=settings.scheduling == "fair")
@@ -113,8 +114,9 @@ class VqaService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._batcher
         left = 0
-        while not self.queue.empty():
-            item = self.queue.get_nowait()
+        # Queued, held by the collector between batches, or handed over for preemption and not started.
+        waiting = self.collector.take_all() + [item for batch in self.executor.take_unstarted() for item in batch]
+        for item in waiting:
             if not item.future.done():
                 item.future.set_exception(NotReady("the server is shutting down"))
                 left += 1
@@ -169,13 +171,48 @@ class VqaService:
         while True:
             batch = await self.collector.collect(self.executor.cap)
             self.metrics.queue_depth.set(self.collector.pending())
-            try:
-                await self.executor.run(loop, batch)
-            except Exception as e:  # the executor settles its own failures; this is a bug, keep serving
-                log.exception("batch runner failed")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
+            await self._run(loop, batch)
+            for late in self.executor.take_unstarted():  # handed over as the batch ended: they go first
+                await self._run(loop, late)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem]) -> None:
+        run = asyncio.ensure_future(self.executor.run(loop, batch))
+        try:
+            if self.collector.fair and self.settings.preempt_share > 0:
+                await self._hand_over_newcomers(run, batch)
+            await run
+        except Exception as e:  # the executor settles its own failures; this is a bug, keep serving
+            log.exception("batch runner failed")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
+        finally:
+            run.cancel()  # when the batcher itself is cancelled (shutdown); a no-op once the batch has run
+
+    async def _hand_over_newcomers(self, run: asyncio.Future[None], batch: list[WorkItem]) -> None:
+        """While `run` runs: the requests of clients with nothing in progress go to the executor at once, to be
+        answered at the batch's next stage boundary instead of after it. A client whose handed-over request
+        has been answered may break in again (a client at concurrency 1 asks again within one bulk batch)."""
+        in_batch = {item.client for item in batch}
+        handed: list[WorkItem] = []
+        arrival: asyncio.Future[None] | None = None
+        try:
+            while True:
+                handed = [item for item in handed if not item.future.done()]
+                busy = in_batch | {item.client for item in handed}
+                if self.executor.may_preempt() and (newcomers := self.collector.newcomers(busy, self.executor.cap)):
+                    handed += newcomers
+                    self.executor.preempt(newcomers)
+                    self.metrics.queue_depth.set(self.collector.pending())
+                arrival = asyncio.ensure_future(self.collector.arrival())
+                await asyncio.wait((run, arrival), return_when=asyncio.FIRST_COMPLETED)
+                if run.done():
+                    return
+        finally:
+            if arrival is not None:
+                arrival.cancel()  # a request it has not taken stays in the queue
+                with contextlib.suppress(asyncio.CancelledError):
+                    await arrival
 
     # -- the request path -------------------------------------------------------------------------------------
     async def ask(self, image: bytes, questions: list[str], client: str = "", weight: int = 1) -> Outcome:

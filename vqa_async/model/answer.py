@@ -8,8 +8,10 @@ questions and cached between requests. `tests/test_answer.py` pins that this giv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,40 +39,64 @@ class Answerer:
         self.device = device
         self.dtype = dtype
         self.fast = FastDecoder.for_model(model, attention) if decoder == "fast" else None
+        # Stage boundaries for `pause`: after every layer of the vision, text and fusion encoders.
+        self._pause: Callable[[], None] | None = None
+        for layer in encoder_layers(model):
+            layer.register_forward_hook(self._after_layer)
+
+    def _after_layer(self, *_: Any) -> None:
+        if self._pause is not None:
+            self._pause()
+
+    @contextlib.contextmanager
+    def _pausing(self, pause: Callable[[], None] | None) -> Iterator[None]:
+        """`pause` is called after each encoder layer within; a call run from `pause` sets its own (or none)."""
+        outer, self._pause = self._pause, pause
+        try:
+            yield
+        finally:
+            self._pause = outer
 
     @property
     def decoder(self) -> str:
         return "fast" if self.fast is not None else "reference"
 
     @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor, pause: Callable[[], None] | None = None) -> torch.Tensor:
         """(B, 3, R, R) pixels -> (B, tokens, hidden) image embeddings, as `forward` computes them. Pixels are
-        normalized float32 (`image_transform`) or uint8 (`image_pixels`), normalized here, on the device."""
+        normalized float32 (`image_transform`) or uint8 (`image_pixels`), normalized here, on the device.
+        `pause`: as in `answer_embedded`."""
         m = self.model
         if pixels.dtype == torch.uint8:
             pixels = normalize_pixels(pixels.to(self.device, non_blocking=True))
         image = pixels.to(self.device, self.dtype, non_blocking=True)
-        embeds = m.visual_encoder.visual(image, skip_last_layer=True)
+        with self._pausing(pause):
+            embeds = m.visual_encoder.visual(image, skip_last_layer=True)
         if m.large:
             embeds = m.dropout(m.visn_layer_norm(m.visn_fc(embeds)))
         return embeds
 
     @torch.inference_mode()
-    def answer_embedded(self, image_embeds: torch.Tensor, questions: EncodedQuestions) -> list[Answered]:
-        """Answers N questions, row i about `image_embeds[i]`: the text half of `forward(train=False)`."""
+    def answer_embedded(self, image_embeds: torch.Tensor, questions: EncodedQuestions,
+                        pause: Callable[[], None] | None = None) -> list[Answered]:
+        """Answers N questions, row i about `image_embeds[i]`: the text half of `forward(train=False)`.
+
+        `pause`, if given, is called between stages (after each encoder layer, and between the fast decoder's
+        steps): the executor answers a newly arrived client's request there. It changes no tensor of this call."""
         m = self.model
         image_embeds = image_embeds.to(self.device, self.dtype)
         input_ids = questions.input_ids.to(self.device)
         attention_mask = questions.attention_mask.to(self.device)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
-        text_embeds = m.text_encoder(input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-        image_output, question_output = m.fusion_encoder(
-            encoder_embeds=text_embeds, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts, return_dict=False)
+        with self._pausing(pause):
+            text_embeds = m.text_encoder(input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+            image_output, question_output = m.fusion_encoder(
+                encoder_embeds=text_embeds, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                encoder_attention_mask=image_atts, return_dict=False)
         states = torch.cat([image_output, question_output], 1)
         atts = torch.cat([image_atts, attention_mask], 1)
         if self.fast is not None:
-            topk_ids, _ = self.fast.generate(states, atts)
+            topk_ids, _ = self.fast.generate(states, atts, pause=pause)
         else:
             topk_ids, _ = m.generation(states, atts)
         return [self._answered(ids[0]) for ids in topk_ids]
@@ -84,3 +110,10 @@ class Answerer:
 
     def _answered(self, ids: torch.Tensor) -> Answered:
         return Answered(self.tokenizer.decode(ids), [int(t) for t in ids.tolist()])
+
+
+def encoder_layers(model: ServingMPlugVQA) -> list[torch.nn.Module]:
+    """The layers of the vision, text and fusion encoders, in the order a forward pass runs them."""
+    m: Any = model
+    return [*m.visual_encoder.visual.transformer.resblocks, *m.text_encoder.encoder.layer,
+            *m.fusion_encoder.encoder.layer]

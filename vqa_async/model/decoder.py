@@ -35,7 +35,7 @@ on cached keys/values projected once: the costly part is gone either way); "sdpa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,8 +174,10 @@ class FastDecoder:
     # -- ModelScope's beam search (`TextGenerator._fast_translate_batch`, do_sample=False) --------------------------
 
     @torch.inference_mode()
-    def generate(self, states: torch.Tensor, atts: torch.Tensor,
-                 out_size: int = 1) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    def generate(self, states: torch.Tensor, atts: torch.Tensor, out_size: int = 1,
+                 pause: Callable[[], None] | None = None) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+        """`pause`, if given, is called between steps: the executor answers a newly arrived client's request
+        there (it must leave this search's tensors alone), so that it does not wait for the whole search."""
         beam_size = self.beam_size
         max_length = self.max_length
         device = states.device
@@ -250,6 +252,8 @@ class FastDecoder:
                     cross = cross.select(non_finished)
             # Reorder the cached keys/values with the beams (and drop removed samples).
             cache = cache.index_select(2, batch_index.view(-1))
+            if pause is not None and step + 1 < max_length:
+                pause()
 
         pred_ids = [each[:out_size] for each in predictions_out]
         scores = [each[:out_size] for each in scores_out]
