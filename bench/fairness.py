@@ -10,7 +10,8 @@ big answers/s shared >= 90 % of alone.
 Without --url it starts its own `serve` (fair, then fifo) with two API keys, and the clients are told apart by
 X-API-Key. With --url, pass --key-big/--key-small for a server with keys, or neither: the clients then send
 X-Forwarded-For (a server trusts that from loopback); --fifo-url measures the FIFO figure on a second server
-(else it is null). The last line is JSON.
+(else it is null). The last line is JSON. `--serve-args "--torch-threads 1 --preempt-share S"` sets how much of
+the model's time the small client's requests may take by preemption (0: none; the default is serve's, 0.5).
 """
 
 from __future__ import annotations

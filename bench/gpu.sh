@@ -6,14 +6,15 @@
 #   bash bench/gpu.sh --photos    # the same on bench/photos.py's phone photos (carry .photos too, 17 MB): the
 #                                 # load bench and the breakdown on photos, a breakdown with --gpu-decode (nvJPEG),
 #                                 # and the CPU micro-bench of the upload path; no decoder bench
-#   bash bench/gpu.sh --fairness  # issue 13's fairness figures on the GPU, nothing else (at most 6.5 minutes):
+#   bash bench/gpu.sh --fairness  # issue 13's fairness figures on the GPU, nothing else (at most 8.5 minutes):
 #                                 # bench/fairness_floor.py (the batch cost curve up to 64 and its replay), then
-#                                 # bench/fairness.py against serve --device cuda (fair and fifo)
+#                                 # bench/fairness.py against serve --device cuda (fair and fifo), with the
+#                                 # default --preempt-share 0.5 and with 0
 #
 # With the device tool: run `bash bench/gpu.sh --prepare` here, then
 #   run(command="OUT=$OUT bash bench/gpu.sh", carry=[".whl", ".deb"], timeout_s=600)
 #   run(command="OUT=$OUT bash bench/gpu.sh --photos", carry=[".whl", ".deb", ".photos"], timeout_s=600)
-#   run(command="OUT=$OUT bash bench/gpu.sh --fairness", carry=[".whl"], timeout_s=540)
+#   run(command="OUT=$OUT bash bench/gpu.sh --fairness", carry=[".whl"], timeout_s=600)
 # Everything it measures lands in $OUT/gpu-results.tgz, one file (the tool brings back at most 8), plus the
 # summary $OUT/summary.md. Each step has its own time limit (synth 90 s, load check 60, load bench 300, breakdown
 # 75, decoder 45: about 9.5 minutes at most with the install), the issue's figures come first, a failed step is
@@ -103,10 +104,13 @@ if [[ -n $FAIRNESS ]]; then  # the demo model (fairness.py's serve loads it), th
   step "fairness floor (cost curve and replay)" 150 bash -c "python3 bench/fairness_floor.py --device $DEVICE \
     --max-batch-size 64 --shared 48,32,16 2>\"$WORK/fairness_floor.log\" | tee \"$WORK/fairness_floor.json\""
   grep -E '^(fifo|fair|  (vision|decoder):)' "$WORK/fairness_floor.log" >>"$SUMMARY"
-  step "fairness bench (serve --device $DEVICE, fair then fifo)" 240 bash -c "python3 bench/fairness.py \
-    --seconds 15 --serve-args '--device $DEVICE --torch-threads 1' 2>\"$WORK/fairness.log\" \
-    | tee \"$WORK/fairness.json\""
-  { tail -5 "$WORK/fairness.log"; tail -1 "$WORK/fairness.json"; } >>"$SUMMARY" 2>/dev/null
+  for share in 0.5 0; do  # the default, then no preemption (the bulk client's rate first)
+    step "fairness bench (serve --device $DEVICE --preempt-share $share, fair then fifo)" 180 bash -c \
+      "python3 bench/fairness.py --seconds 10 --serve-args '--device $DEVICE --torch-threads 1 --preempt-share \
+      $share' 2>\"$WORK/fairness-$share.log\" | tee \"$WORK/fairness-$share.json\""
+    { echo "preempt-share $share"; tail -5 "$WORK/fairness-$share.log"; tail -1 "$WORK/fairness-$share.json"; } \
+      >>"$SUMMARY" 2>/dev/null
+  done
   exit 0
 fi
 REPLICA=${REPLICA:-/tmp/mplug-$PRESET-fp16}

@@ -504,12 +504,14 @@ class SteppingAnswerer(EchoAnswerer):
         self.order: list[str] = []
         self.first_step = threading.Event()
         self.release = threading.Event()
+        self.step_s = 0.0
 
     def answer_embedded(self, embeds: torch.Tensor, q: EncodedQuestions,
                         pause: Callable[[], None] | None = None) -> list[Answered]:
         name = str(int(q.input_ids[0, 0]))
         for step in range(3):
             self.order.append(f"{name}:{step}")
+            time.sleep(self.step_s)
             if not self.first_step.is_set():
                 self.first_step.set()
                 self.release.wait(10)
@@ -521,6 +523,7 @@ class SteppingAnswerer(EchoAnswerer):
 async def test_a_preempting_batch_is_answered_between_the_steps_of_the_running_one() -> None:
     loop = asyncio.get_running_loop()
     ans = SteppingAnswerer()
+    ans.step_s = 0.05
     ex = executor_with(ans)
     bulk = [make_item(loop, 4, token=1000, client="bulk")]
     small = [make_item(loop, 1, token=2000, key="other", client="small")]
@@ -536,7 +539,10 @@ async def test_a_preempting_batch_is_answered_between_the_steps_of_the_running_o
     assert settled == ["small", "bulk"]  # answered inside the bulk batch, not after it
     assert ans.order == ["1000:0", "2000:0", "2000:1", "2000:2", "1000:1", "1000:2"]
     assert [a.text for a in bulk[0].future.result()] == ["1000"] * 4 and small[0].future.result()[0].text == "2000"
-    assert ex.metrics.registry.get_sample_value("vqa_preemptions_total") == 1
+    m = ex.metrics.registry
+    assert m.get_sample_value("vqa_preemptions_total") == 1
+    # Six steps of 50 ms ran: the stage time counts the small batch's inside the bulk one's once, not twice.
+    assert 0.3 <= m.get_sample_value("vqa_stage_seconds_total", {"stage": "decoder"}) < 0.45
     assert ex.take_unstarted() == []
     ex.shutdown()
 
@@ -579,3 +585,15 @@ async def test_shutdown_answers_what_is_queued_held_or_handed_over() -> None:
     for item in (queued, held, handed):
         with pytest.raises(NotReady):
             item.future.result()
+
+
+def test_preemption_budget_is_a_share_of_the_models_time() -> None:
+    ex = ModelExecutor(Metrics(), 8, ImageEmbeddingCache(16, 2**20), preempt_share=0.25)
+    assert ex.may_preempt()  # a full bucket: a quarter of a second
+    ex._budget(0.5)  # a preempting call took half a second
+    assert not ex.may_preempt()
+    ex._budget_at -= 0.9  # 0.9 s later: 0.25 - 0.5 + 0.225 < 0, still spent
+    assert not ex.may_preempt()
+    ex._budget_at -= 10.0  # the bucket fills up to its size, not beyond
+    assert ex.may_preempt() and ex._budget(0.0) == pytest.approx(0.25)
+    ex.shutdown()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
@@ -82,11 +82,14 @@ class Metrics:
             self.stage_cpu.labels(stage)
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Counts the wall and thread CPU time of the block under `vqa_stage_*_seconds{stage=name}`."""
+    def stage(self, name: str, excluded: Callable[[], tuple[float, float]] | None = None) -> Iterator[None]:
+        """Counts the wall and thread CPU time of the block under `vqa_stage_*_seconds{stage=name}`, less what
+        `excluded()` (running totals of wall and CPU seconds) grew by meanwhile: other work run inside it."""
         wall, cpu = time.perf_counter(), time.thread_time()
+        ex_wall, ex_cpu = excluded() if excluded else (0.0, 0.0)
         try:
             yield
         finally:
-            self.stage_seconds.labels(name).inc(time.perf_counter() - wall)
-            self.stage_cpu.labels(name).inc(time.thread_time() - cpu)
+            end_wall, end_cpu = excluded() if excluded else (0.0, 0.0)
+            self.stage_seconds.labels(name).inc(max(0.0, time.perf_counter() - wall - (end_wall - ex_wall)))
+            self.stage_cpu.labels(name).inc(max(0.0, time.thread_time() - cpu - (end_cpu - ex_cpu)))

@@ -75,6 +75,7 @@ class ModelExecutor:
         self._urgent: deque[list[WorkItem]] = deque()
         self._in_urgent = False  # model thread only
         self._paused_s = 0.0  # model thread only: time the running batches spent paused for urgent ones
+        self._paused_cpu_s = 0.0  # and the model thread's CPU time in those pauses
         self._loop: asyncio.AbstractEventLoop | None = None
         self.preempt_share = preempt_share
         self._budget_lock = threading.Lock()
@@ -172,7 +173,7 @@ class ModelExecutor:
         if self._in_urgent or not self._urgent:
             return
         assert self._loop is not None
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), time.thread_time()
         self._in_urgent = True
         try:
             while self._urgent:
@@ -182,7 +183,12 @@ class ModelExecutor:
             self._in_urgent = False
             took = time.monotonic() - t0
             self._paused_s += took
+            self._paused_cpu_s += time.thread_time() - cpu0
             self._budget(took)
+
+    def _paused(self) -> tuple[float, float]:
+        """Wall and CPU seconds spent in preempting batches so far: not the running batch's stage time."""
+        return self._paused_s, self._paused_cpu_s
 
     def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem]) -> None:
         failed: list[tuple[WorkItem, str]] = []
@@ -287,7 +293,7 @@ class ModelExecutor:
         self.metrics.cache_misses.inc(len(misses))
         if misses:
             first = {i.image_key: i for i in reversed(items)}
-            with self.metrics.stage("vision"):
+            with self.metrics.stage("vision", self._paused):
                 fresh = self.answerer.encode_images(torch.stack([first[k].pixels for k in misses]), self._pause)
                 if fresh.is_cuda:  # the stage's time is the GPU's, not that of queueing kernels
                     torch.cuda.synchronize(fresh.device)
@@ -298,7 +304,7 @@ class ModelExecutor:
         rows = [embeds[i.image_key] for i in items for _ in range(i.size)]
         questions = EncodedQuestions(torch.cat([i.input_ids for i in items]),
                                      torch.cat([i.attention_mask for i in items]))
-        with self.metrics.stage("decoder"):
+        with self.metrics.stage("decoder", self._paused):
             stacked = torch.stack(rows)
             # A request may hold more questions than the cap that out-of-memory left: answer it in slices.
             step = self._cap  # at least 1
