@@ -64,7 +64,7 @@ class Metrics:
         self.dropped = Counter("vqa_dropped_requests", "requests skipped before the model", ["reason"], registry=r)
         self.batch_failures = Counter("vqa_batch_failures", "model calls that raised", ["kind"], registry=r)
         self.preemptions = Counter("vqa_preemptions", "batches answered inside a running batch, at a stage "
-                                   "boundary (new clients' requests)", registry=r)
+                                   "boundary (light clients' requests)", registry=r)
         self.batch_cap = Gauge("vqa_batch_cap", "current questions-per-call cap (lowered after out-of-memory)",
                                registry=r, multiprocess_mode="livemin")  # the sum: the lowest, any OOM shows
         self.stage_seconds = Counter("vqa_stage_seconds", "wall time spent in each stage", ["stage"], registry=r)

@@ -10,8 +10,8 @@ nothing in it. The model thread answers them at the running batch's next stage b
 vision, text and fusion encoders, between decoder steps), then goes on with the batch where it stopped: a client
 with one question waits for one layer of a bulk client's batch, not for the whole batch. Preempting batches do not
 preempt. They may take at most `preempt_share` of the model's time (a token bucket of one second): a call for one
-question costs nearly as much as one for many, so a light client asking as fast as it is answered would otherwise
-take the bulk client's throughput; past the budget its requests ride in the next batch instead.
+question costs the model time of several questions in a batch, so a light client asking as fast as it is answered
+would otherwise take most of the bulk client's throughput; past the budget its requests ride in the next batch.
 """
 
 from __future__ import annotations
