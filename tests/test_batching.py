@@ -520,6 +520,17 @@ class SteppingAnswerer(EchoAnswerer):
         return super().answer_embedded(embeds, q)
 
 
+async def run_preempted(ex: ModelExecutor, ans: SteppingAnswerer, bulk: list[WorkItem],
+                        urgent: list[WorkItem]) -> None:
+    """Runs `bulk`, handing `urgent` over while its first step waits."""
+    loop = asyncio.get_running_loop()
+    run = asyncio.ensure_future(ex.run(loop, bulk))
+    await loop.run_in_executor(None, ans.first_step.wait, 10)
+    ex.preempt(urgent)
+    ans.release.set()
+    await run
+
+
 async def test_a_preempting_batch_is_answered_between_the_steps_of_the_running_one() -> None:
     loop = asyncio.get_running_loop()
     ans = SteppingAnswerer()
@@ -530,11 +541,7 @@ async def test_a_preempting_batch_is_answered_between_the_steps_of_the_running_o
     settled: list[str] = []
     bulk[0].future.add_done_callback(lambda _: settled.append("bulk"))
     small[0].future.add_done_callback(lambda _: settled.append("small"))
-    run = asyncio.ensure_future(ex.run(loop, bulk))
-    await loop.run_in_executor(None, ans.first_step.wait, 10)
-    ex.preempt(small)
-    ans.release.set()
-    await run
+    await run_preempted(ex, ans, bulk, small)
     await asyncio.sleep(0)  # the futures' callbacks
     assert settled == ["small", "bulk"]  # answered inside the bulk batch, not after it
     assert ans.order == ["1000:0", "2000:0", "2000:1", "2000:2", "1000:1", "1000:2"]
@@ -554,11 +561,7 @@ async def test_a_preempting_batch_that_fails_fails_alone_and_late_ones_are_hande
     ex = executor_with(ans)
     bulk = [make_item(loop, 2, token=1000, client="bulk")]
     poison = [make_item(loop, 1, token=1666, key="p", client="p")]
-    run = asyncio.ensure_future(ex.run(loop, bulk))
-    await loop.run_in_executor(None, ans.first_step.wait, 10)
-    ex.preempt(poison)
-    ans.release.set()
-    await run
+    await run_preempted(ex, ans, bulk, poison)
     with pytest.raises(ItemFailed):
         poison[0].future.result()
     assert bulk[0].future.result()[0].text == "1000"
