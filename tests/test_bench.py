@@ -155,3 +155,16 @@ def test_run_on_photos_beside_litserve(tmp_path: Path) -> None:
     assert serve["cpu_ms_per_image"] > 0 and peer["cpu_ms_per_image"] is None
     assert "serve/litserve" in (out / "results.md").read_text()
     assert from_here() <= before, "the bench left a process behind"
+
+
+def test_page_user_bench_runs_tiny_and_reports_a_row_per_share() -> None:
+    before = from_here()
+    done = subprocess.run([sys.executable, "bench/page_user.py", "--shares", "0.5,0", "--asks", "1", "--think-s",
+                           "0", "--big-concurrency", "2"], cwd=ROOT, check=True, timeout=300, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["preempt_share"] for r in rows] == [0.5, 0.0]
+    for r in rows:
+        assert r["person_median_ms_alone"] > 0 and r["person_median_ms_beside_bulk"] > 0, r
+        assert r["bulk_answers_per_s"] > 0, r
+    assert from_here() <= before, "the bench left a process behind"
