@@ -25,8 +25,6 @@ from vqa_async.metrics import SUM_ROUTE, Metrics, multiprocess_dir
 
 log = logging.getLogger(__name__)
 
-# templates/ at the repository's top level, shipped in the wheel as this package (pyproject.toml).
-
 # multipart framing around the largest accepted upload
 MULTIPART_SLACK = 64 * 1024
 

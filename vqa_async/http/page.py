@@ -18,8 +18,8 @@ from vqa_async.http.keys import AUTH, SERVICE, SETTINGS
 from vqa_async.http.parse import read_vqa_input
 from vqa_async.http.security import refuse_cross_site
 
-# Beside the page's template, so that the wheel carries them (pyproject.toml maps templates/ into the package).
-# The template and its static files: one folder, in the wheel as vqa_async.templates.
+# The page's template and its static files: templates/ at the repository's top level, in the wheel as the package
+# vqa_async.templates (pyproject.toml maps it).
 TEMPLATES = Path(str(resources.files("vqa_async.templates")))
 STATIC_TYPES = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 
