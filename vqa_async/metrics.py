@@ -61,6 +61,8 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.cache_hits = Counter("vqa_image_cache_hits", "image embeddings reused", registry=r)
         self.cache_misses = Counter("vqa_image_cache_misses", "images run through the vision encoder", registry=r)
+        self.image_dedups = Counter("vqa_image_dedup", "requests in a model call whose upload another request of "
+                                    "the call had sent too (one vision pass for both)", registry=r)
         self.dropped = Counter("vqa_dropped_requests", "requests skipped before the model", ["reason"], registry=r)
         self.batch_failures = Counter("vqa_batch_failures", "model calls that raised", ["kind"], registry=r)
         self.preemptions = Counter("vqa_preemptions", "batches answered inside a running batch, at a stage "

@@ -281,6 +281,7 @@ class ModelExecutor:
             self.metrics.queue_wait.observe(t0 - item.enqueued_at)
         # One vision pass per distinct image that the cache does not hold.
         keys = list(dict.fromkeys(i.image_key for i in items))
+        self.metrics.image_dedups.inc(len(items) - len(keys))  # requests that shared another's vision pass
         embeds: dict[str, torch.Tensor] = {}
         misses = []
         for k in keys:
