@@ -21,7 +21,8 @@ from vqa_async.http.context import CLIENT, ERROR_CODE, OUTCOME, QUESTIONS, REQUE
 log = logging.getLogger(__name__)
 
 
-PROBES = frozenset({"/healthz", "/readyz"})
+# Liveness and readiness, under our names and KServe v2's.
+PROBES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
 class AccessLog:

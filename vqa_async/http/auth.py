@@ -24,6 +24,7 @@ from pathlib import Path
 
 from aiohttp import hdrs, web
 
+from vqa_async.http.accesslog import PROBES
 from vqa_async.http.context import CLIENT, Client
 from vqa_async.http.errors import ApiError
 from vqa_async.metrics import SUM_ROUTE
@@ -124,7 +125,7 @@ class Auth:
         """Routes that need no key: the probes, the page (its form carries the key) and its script and style (a
         browser fetches them without a key; refused, the page's script never ran), this API's description."""
         path = request.path
-        if path in ("/healthz", "/readyz", "/openapi.json", "/", "/static/page.js", "/static/page.css"):
+        if path in PROBES or path in ("/openapi.json", "/", "/static/page.js", "/static/page.css"):
             return True
         return path in ("/metrics", SUM_ROUTE) and not self.metrics_need_key
 

@@ -22,12 +22,14 @@ STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: 
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.param = param  # the request field at fault, where one is (OpenAI's error shape names it)
 
 
 def error_body(code: str, message: str, error_id: str | None = None,
@@ -39,6 +41,28 @@ def error_body(code: str, message: str, error_id: str | None = None,
     if request_id := request_id or current_request_id():
         err["request_id"] = request_id
     return {"error": err}
+
+
+# OpenAI's error `type` by status (its API's own values); our stable code goes into `code`.
+OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                      429: "rate_limit_error"}
+
+
+def uses_openai_shape(path: str) -> bool:
+    """The OpenAI-compatible routes (vqa_async/http/openai_api.py) answer errors in OpenAI's shape."""
+    return path == "/v1/chat/completions" or path == "/v1/models" or path.startswith("/v1/models/")
+
+
+def openai_error_body(err: ApiError, error_id: str | None = None) -> dict[str, dict[str, object]]:
+    """`{"error": {"message", "type", "param", "code"}}` as OpenAI's API and SDK have it, plus our
+    `request_id` (and `error_id` for an unexpected failure)."""
+    kind = OPENAI_ERROR_TYPES.get(err.status, "server_error" if err.status >= 500 else "invalid_request_error")
+    body: dict[str, object] = {"message": err.message, "type": kind, "param": err.param, "code": err.code}
+    if error_id:
+        body["error_id"] = error_id
+    if request_id := current_request_id():
+        body["request_id"] = request_id
+    return {"error": body}
 
 
 def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -79,6 +103,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     if request.path == "/vqa":  # the tutorial's response shape
         body: object = {"status": "error", "message": err.message, "code": err.code,
                         "request_id": current_request_id()}
+    elif uses_openai_shape(request.path):
+        body = openai_error_body(err, err.headers.get("X-Error-Id"))
     else:
         body = error_body(err.code, err.message, err.headers.get("X-Error-Id"))
     return json_response(body, err.status, err.headers)

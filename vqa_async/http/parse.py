@@ -8,7 +8,9 @@ import base64
 import binascii
 import dataclasses
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import orjson
 from aiohttp import BodyPartReader, hdrs, web
@@ -16,6 +18,9 @@ from aiohttp.http_exceptions import HttpProcessingError  # a part's malformed he
 
 from vqa_async.config import Settings
 from vqa_async.http.errors import ApiError
+from vqa_async.http.media_fetch import fetch_image
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class VqaInput:
     questions: list[str]
     plural: bool  # answer as {"answers": [...]} rather than {"answer": ...}
     api_key: str | None = None  # the page's no-JavaScript form sends its key as a field
+    image_url: str | None = None  # JSON's `image_url`: read_vqa_input fetches it into `image`
 
 
 def bad(code: str, message: str, status: int = 400) -> ApiError:
@@ -31,9 +37,7 @@ def bad(code: str, message: str, status: int = 400) -> ApiError:
 
 
 async def read_vqa_input(request: web.Request, settings: Settings) -> VqaInput:
-    if request.content_length is not None and request.content_length > settings.max_body_bytes:
-        raise bad("body_too_large", f"the request body is {request.content_length} bytes; the limit is "
-                  f"{settings.max_body_bytes} (--max-body-mb {settings.max_body_mb:g})", 413)
+    check_length(request, settings)
     ctype = media_type(request)
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         read = _from_multipart
@@ -42,10 +46,23 @@ async def read_vqa_input(request: web.Request, settings: Settings) -> VqaInput:
     else:
         raise bad("unsupported_media_type",
                   f"send multipart/form-data or application/json, not {ctype or 'nothing'}", 415)
-    # A client that trickles its body would hold a connection and a handler for as long as it likes.
+    vqa = await within_body_timeout(settings, read(request, settings))
+    if vqa.image_url is not None:  # after the body's timeout: the fetch has its own (--media-timeout-s)
+        vqa = dataclasses.replace(vqa, image=await fetch_image(vqa.image_url, settings))
+    return vqa
+
+
+def check_length(request: web.Request, settings: Settings) -> None:
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        raise bad("body_too_large", f"the request body is {request.content_length} bytes; the limit is "
+                  f"{settings.max_body_bytes} (--max-body-mb {settings.max_body_mb:g})", 413)
+
+
+async def within_body_timeout(settings: Settings, reading: Awaitable[T]) -> T:
+    """A client that trickles its body would hold a connection and a handler for as long as it likes."""
     try:
         async with asyncio.timeout(settings.body_timeout_s):
-            return await read(request, settings)
+            return await reading
     except TimeoutError:
         raise bad("request_timeout", f"the request body did not arrive within {settings.body_timeout_s:g} s",
                   408) from None
@@ -130,16 +147,30 @@ def _form_input(image: bytes | None, raw_questions: list[bytes], settings: Setti
     return VqaInput(image, check_questions(questions, settings), plural=len(questions) > 1)
 
 
-async def _from_json(request: web.Request, settings: Settings) -> VqaInput:
+async def read_json(request: web.Request) -> object:
     raw = await request.read()
     try:
-        body = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         if "utf-8" in str(e).lower():
             raise bad("invalid_utf8", "the JSON body is not valid UTF-8") from e
         raise bad("invalid_json", f"the body is not valid JSON: {e}") from e
+
+
+def decode_base64(text: str, what: str = "'image'") -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise bad("invalid_base64", f"{what} is not valid base64") from e
+
+
+async def _from_json(request: web.Request, settings: Settings) -> VqaInput:
+    body = await read_json(request)
     if not isinstance(body, dict):
         raise bad("invalid_json", "the JSON body must be an object with 'image' and 'question' or 'questions'")
+    if "image_url" in body:
+        url = _image_url(body)
+        return dataclasses.replace(_json_questions(body, b"", settings), image_url=url)
     image_b64 = body.get("image")
     if not image_b64:
         raise bad("missing_image", "add the picture as base64 in the field 'image'")
@@ -147,10 +178,20 @@ async def _from_json(request: web.Request, settings: Settings) -> VqaInput:
         raise bad("invalid_base64", "'image' must be a base64 string")
     if image_b64.startswith("data:") and "," in image_b64:  # a data URL from a browser
         image_b64 = image_b64.split(",", 1)[1]
-    try:
-        data = base64.b64decode(image_b64, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise bad("invalid_base64", "'image' is not valid base64") from e
+    data = decode_base64(image_b64)
+    return _json_questions(body, data, settings)
+
+
+def _image_url(body: dict[str, object]) -> str:
+    url = body["image_url"]
+    if "image" in body:
+        raise bad("invalid_field", "send 'image' or 'image_url', not both")
+    if not isinstance(url, str):
+        raise bad("image_url_invalid", "'image_url' must be a string: an http or https URL")
+    return url
+
+
+def _json_questions(body: dict[str, object], data: bytes, settings: Settings) -> VqaInput:
     if "questions" in body:
         qs = body["questions"]
         if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
