@@ -249,28 +249,57 @@ async def test_newcomers_are_the_light_clients_with_nothing_in_the_running_batch
     for _ in range(6):
         q.put_nowait(make_item(loop, 4, client="bulk"))
     running = await c.collect()
-    busy = {it.client for it in running}
-    assert c.newcomers(busy, 8) == []  # only the bulk client waits: nothing breaks in
-    assert c.newcomers(set(), 8) == []  # nor does it when not in the batch: its backlog is more than a round
+    assert c.newcomers(running, [], 8) == []  # only the bulk client waits: nothing breaks in
+    assert c.newcomers([], [], 8) == []  # nor does it when not in the batch: its backlog is more than a round
     small, other, heavy = (make_item(loop, 1, client="small"), make_item(loop, 2, client="other", weight=2),
                            make_item(loop, 2, client="other", weight=2))
     for it in (small, other, heavy, *(make_item(loop, 1, client="second bulk") for _ in range(2))):
         q.put_nowait(it)
-    taken = c.newcomers(busy, 8)
+    taken = c.newcomers(running, [], 8)
     assert taken == [small, other, heavy]  # "other" has two queued, within its weight of 2
     assert c.pending() == 4 + 2  # the bulk clients wait for the next batch
-    assert c.newcomers(busy | {"small", "other"}, 8) == []
+    assert c.newcomers(running, taken, 8) == []
+
+
+@pytest.mark.parametrize("people", [2, 8, 32])
+async def test_many_people_never_break_into_a_batch_where_nobody_holds_more_than_a_round(people: int) -> None:
+    """Many people asking one question each: every one of them is "light", but none holds more than its share of
+    the running batch, so they ride the next batch together instead of one model call each."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    c = BatchCollector(q, max_size=16, max_wait_s=0.0)
+    for i in range(people):
+        q.put_nowait(make_item(loop, 1, client=f"person {i}"))
+    running = await c.collect()
+    for i in range(people, people + 8):
+        q.put_nowait(make_item(loop, 1, client=f"person {i}"))
+    assert c.newcomers(running, [], 16) == []
+    assert c.pending() == max(0, people - 16) + 8
+
+
+async def test_a_request_of_many_questions_is_not_more_than_a_share() -> None:
+    """One client's one request (several questions about one image: a person on the page) is one round, however
+    many questions it holds; a client with two rounds of requests in the batch is bulk."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue[WorkItem] = asyncio.Queue()
+    c = BatchCollector(q, max_size=16, max_wait_s=0.0)
+    small = make_item(loop, 1, client="small")
+    q.put_nowait(small)
+    assert c.newcomers([make_item(loop, 8, client="page")], [], 16) == []
+    assert c.newcomers([make_item(loop, 2, client="w", weight=2)] * 2, [], 16) == []  # within its weight
+    assert c.newcomers([make_item(loop, 4, client="bulk")] * 2, [], 16) == [small]
 
 
 async def test_newcomers_stay_within_the_cap_but_a_first_request_always_goes() -> None:
     loop = asyncio.get_running_loop()
     q: asyncio.Queue[WorkItem] = asyncio.Queue()
     c = BatchCollector(q, max_size=4, max_wait_s=0.0)
+    running = [make_item(loop, 1, client="bulk"), make_item(loop, 1, client="bulk")]
     big, small = make_item(loop, 6, client="a"), make_item(loop, 1, client="b")
     q.put_nowait(big)
     q.put_nowait(small)
-    assert c.newcomers(set(), 4) == [big]  # larger than the cap: alone (the executor answers it in slices)
-    assert c.newcomers(set(), 4) == [small]
+    assert c.newcomers(running, [], 4) == [big]  # larger than the cap: alone (the executor answers it in slices)
+    assert c.newcomers(running, [big], 4) == [small]
 
 
 class EchoAnswerer:
@@ -559,6 +588,26 @@ async def test_a_preempting_batch_is_answered_between_the_steps_of_the_running_o
     decoder_s = m.get_sample_value("vqa_stage_seconds_total", {"stage": "decoder"})
     assert decoder_s == pytest.approx(own["1000"] + own["2000"], abs=own["2000"] / 2)
     assert ex.take_unstarted() == []
+    ex.shutdown()
+
+
+async def test_requests_handed_over_before_a_boundary_are_answered_in_one_call() -> None:
+    """Newcomers that break in together go together: every batch handed over since the last boundary (up to the
+    cap) is one model call, counted as one preemption, not one call each."""
+    loop = asyncio.get_running_loop()
+    ans = SteppingAnswerer()
+    ex = executor_with(ans, max_batch=8)
+    bulk = [make_item(loop, 4, token=1000, client="bulk")]
+    one, two = make_item(loop, 1, token=2000, key="a", client="a"), make_item(loop, 2, token=3000, key="b", client="b")
+    run = asyncio.ensure_future(ex.run(loop, bulk))
+    await loop.run_in_executor(None, ans.first_step.wait, 10)
+    ex.preempt([one])
+    ex.preempt([two])
+    ans.release.set()
+    await run
+    assert ans.calls == [3, 4]  # one call for both newcomers' three questions, then the rest of the bulk batch
+    assert [a.text for a in one.future.result()] == ["2000"] and [a.text for a in two.future.result()] == ["3000"] * 2
+    assert ex.metrics.registry.get_sample_value("vqa_preemptions_total") == 1
     ex.shutdown()
 
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 from cluster_support import faulty_env, set_faults
 
+from vqa_async.tools.loadgen import wait_ready
 from vqa_async.cluster.supervisor import free_port
 from vqa_async.model.answer import Answerer
 from vqa_async.model.loader import LoadedModel
 from vqa_async.model.preprocess import EncodedQuestions, UploadPixels
-from vqa_async.tools.loadgen import wait_ready
 
 SLOW_S = 1.0  # each model call sleeps this long first (tests/faults/sitecustomize.py)
 
@@ -36,57 +36,131 @@ def _form(image: bytes, questions: list[str]) -> aiohttp.FormData:
     return form
 
 
-def _bulk_then_small(url: str, calls: Path, bulk_image: bytes, small_image: bytes) -> list[str]:
-    """A bulk client's 4-question request, then, while it runs, a light client's single question (told apart by
-    X-Forwarded-For, which serve trusts from loopback). Returns the clients in the order they were answered."""
+def _calls(calls: Path) -> int:
+    return len(calls.read_text().split()) if calls.exists() else 0
+
+
+async def _until_calls(calls: Path, n: int) -> None:
+    """Until the n-th (slowed) model call is in progress."""
+    deadline = time.monotonic() + 30
+    while _calls(calls) < n:
+        assert time.monotonic() < deadline, f"model call {n} never started"
+        await asyncio.sleep(0.02)
+
+
+async def _ask(url: str, form: aiohttp.FormData, source: str, order: list[str], name: str) -> None:
+    """One request from its own source address (127.0.0.x: the server sees that address as the client)."""
+    connector = aiohttp.TCPConnector(local_addr=(source, 0))
+    async with aiohttp.ClientSession(connector=connector) as s, s.post(url + "/v1/vqa", data=form) as r:
+        assert r.status == 200, await r.text()
+        await r.read()
+    order.append(name)
+
+
+def _bulk_then_light(url: str, calls: Path, bulk_image: bytes, light_images: list[bytes]) -> list[str]:
+    """A bulk client's request; while it is in the model, three more (a backlog: they ride the next batch
+    together, where the bulk client holds three rounds); while that batch is in the model, three light clients
+    from three other addresses ask one question each. Returns who was answered in which order."""
 
     async def scenario() -> list[str]:
         order: list[str] = []
-        async with aiohttp.ClientSession() as s:
-            async def ask(name: str, address: str, form: aiohttp.FormData) -> None:
-                async with s.post(url + "/v1/vqa", data=form, headers={"X-Forwarded-For": address}) as r:
-                    assert r.status == 200, await r.text()
-                    await r.read()
-                order.append(name)
 
-            bulk = asyncio.create_task(ask("bulk", "198.51.100.1", _form(bulk_image, [
-                "what color is the shape?", "what shape is in the image?", "is there a circle?", "is it blue?"])))
-            while not calls.exists():  # until the bulk batch is in its (slowed) model call
-                await asyncio.sleep(0.02)
-            await ask("small", "198.51.100.2", _form(small_image, ["what shape is in the image?"]))
-            await bulk
+        def bulk(i: int) -> asyncio.Task[None]:
+            form = _form(bulk_image, ["what color is the shape?", "what shape is in the image?"])
+            return asyncio.create_task(_ask(url, form, "127.0.0.1", order, f"bulk{i}"))
+
+        first = bulk(1)
+        await _until_calls(calls, 1)
+        backlog = [bulk(i) for i in (2, 3, 4)]
+        await _until_calls(calls, 2)  # the bulk client's backlog is in the model
+        light = [asyncio.create_task(_ask(url, _form(image, ["what shape is in the image?"]), f"127.0.0.{10 + i}",
+                                          order, "light")) for i, image in enumerate(light_images)]
+        await asyncio.gather(first, *backlog, *light)
         return order
 
     return asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("share, first", [("0.5", "small"), ("0", "bulk")])
-def test_a_light_clients_request_is_answered_inside_a_running_bulk_batch(
-        share: str, first: str, demo_dir: Path, easy_vqa_images: list[Path], tmp_path: Path) -> None:
-    """With the default --preempt-share the single question is answered at the bulk batch's first layer boundary
-    after it arrives, before the bulk request; with 0 (the behaviour before preemption) it waits for the batch."""
+def _serve(demo_dir: Path, fault_file: Path, *args: str) -> tuple[subprocess.Popen[bytes], str, int]:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    fault_file = tmp_path / "faults.json"
     env = dict(os.environ, **faulty_env(fault_file))
     proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "serve", "--model", str(demo_dir), "--port",
-                             str(port), "--preempt-share", share, "--access-log", "off"], env=env)
+                             str(port), "--access-log", "off", *args], env=env)
+    url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url, port
+
+
+def _preemptions(url: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    return next(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("vqa_preemptions_total"))
+
+
+@pytest.mark.parametrize("share", ["0.5", "0"])
+def test_light_clients_are_answered_inside_a_bulk_clients_batch_together(
+        share: str, demo_dir: Path, easy_vqa_images: list[Path], tmp_path: Path) -> None:
+    """With the default --preempt-share the three light clients are answered at the bulk batch's first layer
+    boundary after they arrive, in one model call between its layers, before the bulk requests of that batch;
+    with 0 (the behaviour before preemption) they wait for the batch."""
+    fault_file = tmp_path / "faults.json"
+    proc, url, port = _serve(demo_dir, fault_file, "--preempt-share", share)
+    try:
         set_faults(fault_file, {port: f"slow:{SLOW_S}"})
         t0 = time.monotonic()
         calls = Path(f"{fault_file}.calls")
-        order = _bulk_then_small(url, calls, easy_vqa_images[0].read_bytes(), easy_vqa_images[1].read_bytes())
+        order = _bulk_then_light(url, calls, easy_vqa_images[0].read_bytes(),
+                                 [p.read_bytes() for p in easy_vqa_images[1:4]])
         took = time.monotonic() - t0
-        assert order == (["small", "bulk"] if first == "small" else ["bulk", "small"])
-        assert calls.read_text().split() == [str(port)] * 2  # one model call each
-        assert took < 4 * SLOW_S + 5  # two slowed model calls, never a hang
         set_faults(fault_file, {})
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-            metrics = r.read().decode()
-        preemptions = next(float(line.split()[-1]) for line in metrics.splitlines()
-                           if line.startswith("vqa_preemptions_total"))
-        assert preemptions == (1.0 if first == "small" else 0.0)
+        assert order[0] == "bulk1"
+        if share == "0.5":
+            assert order[1:4] == ["light"] * 3 and sorted(order[4:]) == ["bulk2", "bulk3", "bulk4"]
+        else:
+            assert sorted(order[1:4]) == ["bulk2", "bulk3", "bulk4"] and order[4:] == ["light"] * 3
+        # One model call for the first bulk request, one for its backlog, one for the three light ones.
+        assert _calls(calls) == 3
+        assert took < 6 * SLOW_S + 10  # three slowed model calls, never a hang
+        assert _preemptions(url) == (1.0 if share == "0.5" else 0.0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_many_people_ride_the_next_batch_together_instead_of_breaking_in(
+        demo_dir: Path, easy_vqa_images: list[Path], tmp_path: Path) -> None:
+    """Many people from many addresses, one question each: while one person's question is in the model, the
+    others arrive. Every one of them is "light", but nobody holds more than a round of the running batch, so
+    they are answered together in the next batch (two model calls for seven people, as FIFO would), never one
+    preempting call each (the old default: up to one model call per person, each costing several batched
+    questions' time)."""
+    fault_file = tmp_path / "faults.json"
+    proc, url, port = _serve(demo_dir, fault_file)  # the default settings
+    try:
+        set_faults(fault_file, {port: f"slow:{SLOW_S}"})
+        calls = Path(f"{fault_file}.calls")
+        images = [p.read_bytes() for p in easy_vqa_images[:7]]
+
+        async def scenario() -> list[str]:
+            order: list[str] = []
+            first = asyncio.create_task(_ask(url, _form(images[0], ["what shape is in the image?"]), "127.0.0.20",
+                                             order, "person0"))
+            await _until_calls(calls, 1)
+            others = [asyncio.create_task(_ask(url, _form(image, ["what color is the shape?"]), f"127.0.0.{20 + i}",
+                                               order, f"person{i}")) for i, image in enumerate(images[1:], 1)]
+            await asyncio.gather(first, *others)
+            return order
+
+        order = asyncio.run(scenario())
+        set_faults(fault_file, {})
+        assert order[0] == "person0" and sorted(order[1:]) == [f"person{i}" for i in range(1, 7)]
+        assert _calls(calls) == 2
+        assert _preemptions(url) == 0.0
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -25,7 +25,10 @@ class BatchCollector:
     every request in one line) batches are exactly those of a FIFO queue.
 
     While a batch runs, `newcomers` takes the requests of light clients (all they have queued fits in one round)
-    that have nothing in it, for the executor to answer inside that batch (see `ModelExecutor.preempt`). A bulk
+    that have nothing in it, for the executor to answer inside that batch (see `ModelExecutor.preempt`), but only
+    while some client holds more than its fair share of that batch (`over_share`): a light client is protected
+    from a bulk one, and many people asking one question each (where nobody holds more than a round) are never
+    split into calls of their own, which would cost each of them several batched questions' model time. A bulk
     client never breaks in: it gets its share in the next batch, as a batch of its own would make it wait.
     """
 
@@ -86,10 +89,15 @@ class BatchCollector:
         """Returns once a request has arrived (it is held, for `newcomers` or the next batch)."""
         self._hold(await self.queue.get())
 
-    def newcomers(self, busy: set[str], limit: int) -> list[WorkItem]:
-        """Up to `limit` questions of the held requests of clients not in `busy` whose line holds no more than
-        one round (`weight` requests)."""
+    def newcomers(self, running: list[WorkItem], handed: list[WorkItem], limit: int) -> list[WorkItem]:
+        """Up to `limit` questions of the held requests of light clients (whose line holds no more than one
+        round, `weight` requests) with nothing in `running` (the batch in the model) or `handed` (requests handed
+        over and not yet answered), taken only while a client of `running` holds more than its fair share of it
+        (see `over_share`)."""
         self._drain()
+        busy = {item.client for item in running} | {item.client for item in handed}
+        if not over_share(running, busy | set(self._lines)):
+            return []
         batch: list[WorkItem] = []
         size = 0
         for client in [c for c in self._lines if c not in busy]:
@@ -143,3 +151,19 @@ class BatchCollector:
             if client in self._lines:
                 self._lines[client] = self._lines.pop(client)
         return size
+
+
+def over_share(running: list[WorkItem], clients: set[str]) -> bool:
+    """Whether a client of the `running` batch holds more than its fair share of it while `clients` (everyone
+    with work in the batch, handed over or waiting) want the model: more than one round of requests (its
+    `weight`) and more than `1 / len(clients)` of the batch's questions. One request is never more than a share,
+    however many questions it asks: a person's questions about one image are not a bulk client's backlog."""
+    requests: dict[str, int] = {}
+    questions: dict[str, int] = {}
+    weight: dict[str, int] = {}
+    for item in running:
+        requests[item.client] = requests.get(item.client, 0) + 1
+        questions[item.client] = questions.get(item.client, 0) + item.size
+        weight[item.client] = max(1, item.weight)
+    fair = sum(questions.values()) / max(1, len(clients))
+    return any(requests[c] > weight[c] and questions[c] > fair for c in requests)

@@ -5,9 +5,10 @@ runs the vision encoder once per distinct image not in the cache, answers every 
 to each request's future with `loop.call_soon_threadsafe`. A batch that raises is split and retried, so that only
 a request that fails on its own gets an error; out-of-memory also lowers the batch cap for a while.
 
-Preemption: while a batch runs, the batcher may hand over (`preempt`) the requests of light clients that have
-nothing in it. The model thread answers them at the running batch's next stage boundary (after each layer of the
-vision, text and fusion encoders, between decoder steps), then goes on with the batch where it stopped: a client
+Preemption: while a batch runs in which a client holds more than its fair share, the batcher may hand over
+(`preempt`) the requests of light clients that have nothing in it. The model thread answers them (all those
+handed over since the last boundary in one call) at the running batch's next stage boundary (after each layer of
+the vision, text and fusion encoders, between decoder steps), then goes on with the batch where it stopped: a client
 with one question waits for one layer of a bulk client's batch, not for the whole batch. Preempting batches do not
 preempt. They may take at most `preempt_share` of the model's time (a token bucket of one second): a call for one
 question costs the model time of several questions in a batch, so a light client asking as fast as it is answered
@@ -177,8 +178,16 @@ class ModelExecutor:
         self._in_urgent = True
         try:
             while self._urgent:
+                # Everything handed over since the last boundary, up to the cap, is one model call: newcomers
+                # that break in together are batched together, never one call each.
+                batch = list(self._urgent.popleft())
+                size = sum(item.size for item in batch)
+                while self._urgent and size + sum(item.size for item in self._urgent[0]) <= self._cap:
+                    more = self._urgent.popleft()
+                    batch += more
+                    size += sum(item.size for item in more)
                 self.metrics.preemptions.inc()
-                self._run_batch(self._loop, self._urgent.popleft())
+                self._run_batch(self._loop, batch)
         finally:
             self._in_urgent = False
             took = time.monotonic() - t0

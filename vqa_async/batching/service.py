@@ -190,17 +190,18 @@ class VqaService:
             run.cancel()  # when the batcher itself is cancelled (shutdown); a no-op once the batch has run
 
     async def _hand_over_newcomers(self, run: asyncio.Future[None], batch: list[WorkItem]) -> None:
-        """While `run` runs: the requests of clients with nothing in progress go to the executor at once, to be
-        answered at the batch's next stage boundary instead of after it. A client whose handed-over request
-        has been answered may break in again (a client at concurrency 1 asks again within one bulk batch)."""
-        in_batch = {item.client for item in batch}
+        """While `run` runs a batch in which a client holds more than its fair share: the requests of light
+        clients with nothing in progress go to the executor at once, to be answered at the batch's next stage
+        boundary instead of after it (those handed over before a boundary are answered there in one call). A
+        client whose handed-over request has been answered may break in again (a client at concurrency 1 asks
+        again within one bulk batch)."""
         handed: list[WorkItem] = []
         arrival: asyncio.Future[None] | None = None
         try:
             while True:
                 handed = [item for item in handed if not item.future.done()]
-                busy = in_batch | {item.client for item in handed}
-                if self.executor.may_preempt() and (newcomers := self.collector.newcomers(busy, self.executor.cap)):
+                if self.executor.may_preempt() and (
+                        newcomers := self.collector.newcomers(batch, handed, self.executor.cap)):
                     handed += newcomers
                     self.executor.preempt(newcomers)
                     self.metrics.queue_depth.set(self.collector.pending())
