@@ -74,8 +74,10 @@ async def readyz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     if problem := service.readiness_problem():
         return json_response(error_body("not_ready", problem), 503)
+    # image_res: the model's input side; clients (vqa_async.client, the page) shrink photos to twice it
     return json_response({"status": "ready", "model": service.model_name,
-                          "queue_depth": service.collector.pending()})
+                          "queue_depth": service.collector.pending(),
+                          "image_res": service.loaded.image_res if service.loaded is not None else None})
 
 
 async def metrics(request: web.Request) -> web.Response:
