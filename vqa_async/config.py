@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import ipaddress
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from yarl import URL
 
 ENV_PREFIX = "VQA_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -40,6 +43,16 @@ class Settings:
     max_pixels: int = field(default=40_000_000, metadata={"help": "largest image, in pixels (decompression bombs)"})
     max_questions: int = field(default=16, metadata={"help": "questions per request"})
     max_question_chars: int = field(default=512, metadata={"help": "longest question, in characters"})
+    allowed_media_domains: str | None = field(default=None, metadata={
+        "help": "comma-separated host names whose http(s) image URLs are fetched (image_url), each matched "
+                "exactly: example.com does not allow cdn.example.com. Unset: image URLs are refused"})
+    allow_private_media: bool = field(default=False, metadata={
+        "help": "image URLs may resolve to private and loopback addresses (an in-house store); link-local and "
+                "cloud-metadata addresses stay refused"})
+    media_connect_timeout_s: float = field(default=3.0, metadata={
+        "help": "an image URL's server must accept the connection within this (400 image_url_timeout after)"})
+    media_timeout_s: float = field(default=10.0, metadata={
+        "help": "an image URL must be fetched whole, redirects included, within this (400 image_url_timeout)"})
     max_form_parts: int = field(default=64, metadata={
         "help": "parts of a multipart upload (400 too_many_parts above; nothing past the bound is read)"})
     body_timeout_s: float = field(default=30.0, metadata={
@@ -117,7 +130,7 @@ class Settings:
             raise bad("log_level", "expected " + ", ".join(LOG_LEVELS))
         if self.loop not in ("uvloop", "asyncio"):
             raise bad("loop", "expected uvloop or asyncio")
-        for name in ("exact_preprocess", "gpu_decode", "metrics_need_key"):
+        for name in ("exact_preprocess", "gpu_decode", "metrics_need_key", "allow_private_media"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "expected true or false")
         if self.decoder not in ("reference", "fast"):
@@ -131,7 +144,8 @@ class Settings:
         if self.max_form_parts <= self.max_questions:
             raise bad("max_form_parts", f"must be more than max_questions ({self.max_questions}): the image and "
                       "every question are parts")
-        for name in ("timeout_s", "max_body_mb", "body_timeout_s", "stuck_timeout_s"):
+        for name in ("timeout_s", "max_body_mb", "body_timeout_s", "stuck_timeout_s", "media_connect_timeout_s",
+                     "media_timeout_s"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
         for name in ("image_cache_entries", "image_cache_mb", "torch_threads", "shutdown_timeout_s", "drain_s",
@@ -148,6 +162,10 @@ class Settings:
             self.trusted_networks  # noqa: B018 - parsed here so that a bad value is named at startup
         except ValueError as e:
             raise bad("trusted_proxies", str(e)) from None
+        try:
+            self.media_domains  # noqa: B018 - parsed here so that a bad value is named at startup
+        except ValueError as e:
+            raise bad("allowed_media_domains", str(e)) from None
         if self.max_wait_ms > 1000:
             raise bad("max_wait_ms", "more than a second of waiting is never what you want")
 
@@ -159,6 +177,11 @@ class Settings:
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n.strip(), strict=False) for n in self.trusted_proxies.split(",")
                      if n.strip())
+
+    @functools.cached_property
+    def media_domains(self) -> frozenset[str]:
+        """The hosts image URLs may name, as the URL parser spells them (lowercase, IDNA-encoded)."""
+        return frozenset(_media_host(d) for d in (self.allowed_media_domains or "").split(",") if d.strip())
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -173,6 +196,22 @@ class Settings:
                 values[f.name] = _coerce(f, env[key])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def _media_host(entry: str) -> str:
+    """One --allowed-media-domains entry: a host name or an IP address, nothing else (no scheme, port, path or
+    wildcard: a name allows exactly that host)."""
+    entry = entry.strip()
+    bare = entry.removeprefix("[").removesuffix("]")
+    try:
+        if ":" in bare:  # only an IPv6 address has one; a port or a scheme is a mistake
+            return str(ipaddress.IPv6Address(bare))
+        host = URL.build(scheme="http", host=bare).raw_host
+    except (ValueError, TypeError):
+        host = None
+    if not host or any(c in bare for c in "/@*?#[]"):
+        raise ValueError(f"{entry!r} is not a host name or address (no scheme, port, path or wildcard)")
+    return host.rstrip(".").lower()
 
 
 def parse_bool(raw: str) -> bool:

@@ -4,18 +4,24 @@ tester (schemathesis) against a live `serve` with this document; tests/test_http
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from vqa_async import __version__
 from vqa_async.config import Settings
+from vqa_async.http.media_fetch import MAX_URL_CHARS
 from vqa_async.metrics import SUM_ROUTE, multiprocess_dir
+from vqa_async.model.preprocess import FORMAT_NAMES
 
 ERROR_CODES = ["missing_image", "missing_question", "empty_image", "invalid_image", "unsupported_image_format",
                "image_too_large", "body_too_large", "empty_question", "question_too_long", "too_many_questions",
                "invalid_json", "invalid_base64", "invalid_field", "invalid_multipart", "invalid_utf8",
                "unsupported_media_type", "overloaded", "not_ready", "timeout", "model_error", "internal_error",
                "not_found", "method_not_allowed", "too_many_parts", "request_timeout", "not_alive",
-               "unauthorized", "too_many_requests", "bad_request", "cross_site"]
+               "unauthorized", "too_many_requests", "bad_request", "cross_site", "image_not_cached", "invalid_image_id",
+               "image_and_image_id",
+               # image_url (vqa_async/http/media_fetch.py), each a 400
+               "image_url_invalid", "image_url_not_allowed", "image_url_address_refused",
+               "image_url_too_many_redirects", "image_url_timeout", "image_url_too_large", "image_url_fetch_failed"]
 
 _STR = {"schema": {"type": "string"}}
 REQUEST_ID = {"X-Request-ID": {"description": "the client's own X-Request-ID when it is a token of 1-128 "
@@ -23,6 +29,8 @@ REQUEST_ID = {"X-Request-ID": {"description": "the client's own X-Request-ID whe
                                "required": True, **_STR}}
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "required": True, **_STR}}
 SERVER_TIMING = {"Server-Timing": {"description": "queue, preprocess, compute and total milliseconds", **_STR}}
+IMAGE_ID = {"X-Image-Id": {"description": "the answered image's id (the SHA-256 of its bytes): a follow-up question "
+                           "sends it as image_id instead of the image", "required": True, **_STR}}
 
 
 def _answer(description: str, content: dict[str, Any] | None = None, **headers: Any) -> dict[str, Any]:
@@ -45,6 +53,8 @@ def _errors(settings: Settings, content: dict[str, Any], keys: bool) -> dict[str
         "400": _answer("bad input (see the code)", content),
         "408": _answer(f"the body did not arrive within {settings.body_timeout_s:g} s (request_timeout)", content),
         "413": _answer("body_too_large or image_too_large", content),
+        "409": _answer("image_not_cached: the image_id names an image this server does not hold (evicted, restarted "
+                       "since, or never seen); send the image again", content),
         "415": _answer("unsupported_media_type: send multipart/form-data or application/json", content),
         "429": _answer("too_many_requests: this client has --max-inflight-per-client requests being answered; "
                        "or, through `vqa-async cluster`, HAProxy's per-client limits: over --rate-limit requests/s "
@@ -65,7 +75,7 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
     secured: dict[str, Any] = {"security": [{"bearer": []}, {"apiKey": []}]} if keys else {}
     question = {"type": "string", "minLength": 1, "maxLength": settings.max_question_chars}
     multipart: dict[str, Any] = {"type": "object", "required": ["image", "question"], "properties": {
-        "image": {"type": "string", "format": "binary", "description": "JPEG, PNG, GIF, BMP, WEBP or TIFF"},
+        "image": {"type": "string", "format": "binary", "description": FORMAT_NAMES},
         # A form field is text whatever it looks like ("{}" is a question), and one field or several are one
         # question or several: no type to get wrong, only the bounds of each.
         "question": {"items": {"minLength": 1, "maxLength": settings.max_question_chars},
@@ -78,6 +88,22 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
         "questions": {"type": "array", "items": question, "minItems": 1, "maxItems": settings.max_questions,
                       "description": "when present, 'question' is ignored"}},
         "anyOf": [{"required": ["question"]}, {"required": ["questions"]}]}
+    if settings.media_domains:  # --allowed-media-domains: the image may be named by URL instead
+        json_body["properties"]["image_url"] = {  # type: ignore[index]
+            "type": "string", "format": "uri", "maxLength": MAX_URL_CHARS,
+            "description": "instead of 'image': an http(s) URL on one of the allowed hosts: "
+                           + ", ".join(sorted(settings.media_domains))}
+        json_body["required"] = []
+        json_body["oneOf"] = [{"required": ["image"]}, {"required": ["image_url"]}]
+    # A follow-up names a previous answer's image instead of sending it.
+    image_id = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$",
+                "description": "instead of the image: a previous answer's image_id (409 image_not_cached when this "
+                               "server no longer holds it). Also accepted as the X-Image-Id header or the image_id "
+                               "query parameter, which the cluster's HAProxy routes on"}
+    for schema in (multipart, cast(dict[str, Any], json_body)):
+        schema["properties"]["image_id"] = image_id
+        schema["oneOf"] = [*schema.get("oneOf", [{"required": ["image"]}]), {"required": ["image_id"]}]
+        schema["required"] = [name for name in schema["required"] if name != "image"]
     body = {"required": True, "content": {"multipart/form-data": {"schema": multipart},
                                           "application/json": {"schema": json_body}}}
     page_form = {"type": "object", "required": ["image", "question"], "properties": {
@@ -97,7 +123,7 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
         "paths": {
             "/v1/vqa": {"post": {
                 "summary": "Answer questions about an image", **secured, "requestBody": body,
-                "responses": {"200": _answer("the answer(s)", _json("Answer")),
+                "responses": {"200": _answer("the answer(s)", _json("Answer"), **IMAGE_ID),
                               **_errors(settings, _json("Error"), keys)}}},
             "/vqa": {"post": {
                 "summary": "The deployment tutorial's endpoint (the first question is answered)", **secured,
@@ -105,13 +131,13 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                 "responses": {"200": _answer("answer", {"application/json": {"schema": {
                     "type": "object", "required": ["status", "answer", "model_used"], "properties": {
                         "status": {"type": "string", "enum": ["success"]}, "answer": {"type": "string"},
-                        "model_used": {"type": "string"}}}}}),
+                        "model_used": {"type": "string"}}}}}, **IMAGE_ID),
                     **_errors(settings, _json("LegacyError"), keys)}}},
             "/": {"get": {"summary": "The upload page", "responses": {"200": _answer("HTML", HTML)}},
                   "post": {"summary": "The upload page's form post (works without JavaScript); errors are the "
                                       "page with the message", "requestBody": {"required": True, "content": {
                                           "multipart/form-data": {"schema": page_form}}},
-                           "responses": {"200": _answer("HTML with the answer", HTML),
+                           "responses": {"200": _answer("HTML with the answer", HTML, **IMAGE_ID),
                                          **_errors(settings, {**HTML, **_json("Error")}, keys),
                                          "403": _answer("cross_site: the form was posted from another site's page "
                                                         "(Sec-Fetch-Site: cross-site, or an Origin that is not "
@@ -138,13 +164,16 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                 "JSON", {"application/json": {"schema": {"type": "object"}}})}}},
         },
         "components": {"schemas": {
-            "Answer": {"type": "object", "required": ["model", "queue_ms", "compute_ms", "batch_size"],
+            "Answer": {"type": "object", "required": ["model", "queue_ms", "compute_ms", "batch_size", "image_id"],
                        "properties": {
                            "answer": {"type": "string"}, "answers": {"type": "array", "items": {"type": "string"}},
                            "model": {"type": "string"}, "queue_ms": {"type": "number"},
                            "compute_ms": {"type": "number"},
                            "batch_size": {"type": "integer",
-                                          "description": "questions in the model call that answered"}}},
+                                          "description": "questions in the model call that answered"},
+                           "image_id": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                        "description": "the SHA-256 of the image's bytes (also X-Image-Id): send it "
+                                                       "as image_id to ask about the same image again"}}},
             "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["code", "message"], "properties": {
