@@ -13,6 +13,10 @@ levels). The answers stay ModelScope's on all but a sliver of photos (`tests/tes
 share); `exact=True` (`--exact-preprocess`) decodes every pixel and resizes with Pillow, as ModelScope does, bit
 for bit.
 
+HEIC/HEIF and AVIF have no reduced decode (libheif and libavif decode every pixel; a HEIC's embedded thumbnail
+is a separate, smaller encode, too small for the model's input on an iPhone's photos), so they are decoded whole;
+torch's resize still applies.
+
 Everything here is CPU work meant for a worker thread, never the event loop.
 """
 
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
+import pillow_heif
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from tokenizers import Tokenizer
@@ -37,7 +42,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 T = TypeVar("T")
 QUESTION_MAX_TOKENS = 25  # MPlugPreprocessor's tokenizer_max_length
-ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO"})
+# HEIF (an iPhone's HEIC) through pillow-heif, registered below; AVIF through Pillow's own plugin (Pillow 11.3+).
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "MPO", "HEIF", "AVIF"})
+FORMAT_NAMES = "JPEG, PNG, GIF, BMP, WEBP, TIFF, HEIC/HEIF or AVIF"
+# Opening a HEIF file reads its boxes, not its pixels: the size (after its rotation) is known before decoding,
+# as for every other format here. Thumbnails, depth and auxiliary images are not read: only the image is used.
+pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 
 class ImageError(ValueError):
@@ -70,7 +80,7 @@ def decode_image(data: bytes, max_pixels: int, min_size: int | None = None) -> I
             img = Image.open(io.BytesIO(data))
             if img.format not in ALLOWED_FORMATS:
                 raise ImageError("unsupported_image_format",
-                                 f"image format {img.format} is not supported; send JPEG, PNG, GIF, BMP, WEBP or TIFF")
+                                 f"image format {img.format} is not supported; send {FORMAT_NAMES}")
             check_pixels(img.size, max_pixels)
             if min_size and img.format in ("JPEG", "MPO"):
                 # The mode argument changes nothing for RGB, CMYK or greyscale JPEGs (only "L"/"YCbCr" would):
