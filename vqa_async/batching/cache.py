@@ -22,6 +22,11 @@ class ImageEmbeddingCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def holds(self, key: str) -> bool:
+        """Whether `key` is cached, without touching its recency. Safe to call from the event loop (one dict
+        lookup under the GIL), but only a hint there: the model thread may evict it the next moment."""
+        return key in self._items
+
     def get(self, key: str) -> torch.Tensor | None:
         t = self._items.get(key)
         if t is not None:

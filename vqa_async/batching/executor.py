@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from vqa_async.batching.cache import ImageEmbeddingCache
-from vqa_async.batching.work import WorkItem
+from vqa_async.batching.work import ImageNotCached, WorkItem
 from vqa_async.metrics import Metrics
 from vqa_async.model.answer import Answered, Answerer
 from vqa_async.model.preprocess import EncodedQuestions
@@ -215,7 +215,8 @@ class ModelExecutor:
                 loop.call_soon_threadsafe(_settle_all, errors)
 
     def _wanted(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> list[WorkItem]:
-        """The items someone still waits for; checked before every model call, retries included."""
+        """The items someone still waits for and that can be answered; checked before every model call, retries
+        included."""
         now = time.monotonic()
         live = []
         for item in items:
@@ -226,7 +227,20 @@ class ModelExecutor:
             self.metrics.dropped.labels(reason).inc()
             if reason == "deadline":
                 loop.call_soon_threadsafe(_settle, item.future, None, TimeoutError("deadline passed in the queue"))
-        return live
+        return self._answerable(loop, live)
+
+    def _answerable(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> list[WorkItem]:
+        """Fails alone, with ImageNotCached (a 409: send the image again), a follow-up by image id whose embedding
+        left the cache since admission (evicted, or shrunk after out-of-memory) and that no upload of its batch
+        brings. Nothing touches the cache between this check and `_answer`'s lookup."""
+        brought = {item.image_key for item in items if item.pixels is not None}
+        out = []
+        for item in items:
+            if item.pixels is None and item.image_key not in brought and not self.cache.holds(item.image_key):
+                loop.call_soon_threadsafe(_settle, item.future, None, ImageNotCached(item.image_key))
+            else:
+                out.append(item)
+        return out
 
     def _run_or_split(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem],
                       failed: list[tuple[WorkItem, str]]) -> None:
@@ -302,9 +316,10 @@ class ModelExecutor:
         self.metrics.cache_hits.inc(len(keys) - len(misses))
         self.metrics.cache_misses.inc(len(misses))
         if misses:
-            first = {i.image_key: i for i in reversed(items)}
+            # The pixels of each missing image: an upload brings them (a follow-up by id alone has none).
+            first = {i.image_key: i.pixels for i in reversed(items) if i.pixels is not None}
             with self.metrics.stage("vision", self._paused):
-                fresh = self.answerer.encode_images(torch.stack([first[k].pixels for k in misses]), self._pause)
+                fresh = self.answerer.encode_images(torch.stack([first[k] for k in misses]), self._pause)
                 if fresh.is_cuda:  # the stage's time is the GPU's, not that of queueing kernels
                     torch.cuda.synchronize(fresh.device)
             for k, e in zip(misses, fresh):

@@ -18,7 +18,7 @@ import torch
 from vqa_async.batching.cache import ImageEmbeddingCache
 from vqa_async.batching.collect import BatchCollector
 from vqa_async.batching.executor import ModelExecutor
-from vqa_async.batching.work import WorkItem
+from vqa_async.batching.work import ImageNotCached, WorkItem
 from vqa_async.config import Settings
 from vqa_async.metrics import Metrics
 from vqa_async.model.answer import Answered, Answerer
@@ -55,12 +55,13 @@ class Outcome:
     compute_ms: float
     batch_size: int
     preprocess_ms: float = 0.0
+    image_id: str = ""  # the sha256 of the image's bytes: the key of its cached embedding, for follow-ups
 
 
 @dataclass(frozen=True)
 class Prepared:
     key: str
-    pixels: torch.Tensor
+    pixels: torch.Tensor | None  # None: a follow-up by image id
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
 
@@ -216,12 +217,17 @@ class VqaService:
                     await arrival
 
     # -- the request path -------------------------------------------------------------------------------------
-    async def ask(self, image: bytes, questions: list[str], client: str = "", weight: int = 1) -> Outcome:
-        """Raises ImageError (bad upload), Overloaded, NotReady, TimeoutError, or ItemFailed. `client` and
-        `weight` are who asks and their share, for the collector's round-robin."""
+    async def ask(self, image: bytes | None, questions: list[str], client: str = "", weight: int = 1,
+                  image_id: str | None = None) -> Outcome:
+        """Raises ImageError (bad upload), ImageNotCached, Overloaded, NotReady, TimeoutError, or ItemFailed.
+        `client` and `weight` are who asks and their share, for the collector's round-robin. A follow-up names
+        its image by `image_id` (a previous Outcome's) instead of sending it: nothing is decoded, and the
+        embedding comes from the cache, or ImageNotCached."""
         arrived = time.monotonic()
         if problem := self.readiness_problem():
             raise NotReady(problem)
+        if image_id is not None and not self.cache.holds(image_id):  # the model thread checks again
+            raise ImageNotCached(image_id)
         # Admission counts the uploads still being decoded, so that under overload no CPU goes into decoding
         # what would then be refused.
         if (self._incoming >= self.settings.max_preprocess_backlog
@@ -231,7 +237,11 @@ class VqaService:
         loop = asyncio.get_running_loop()
         self._incoming += 1
         try:
-            prepared = await loop.run_in_executor(self._prep_pool, self._prepare, image, questions)
+            if image is not None:
+                prepared = await loop.run_in_executor(self._prep_pool, self._prepare, image, questions)
+            else:
+                assert image_id is not None, "ask() needs an image or an image_id"
+                prepared = await loop.run_in_executor(self._prep_pool, self._follow_up, image_id, questions)
         finally:
             self._incoming -= 1
         preprocess_s = time.monotonic() - arrived
@@ -247,7 +257,14 @@ class VqaService:
         self.metrics.queue_depth.set(self.collector.pending())
         answers = await asyncio.wait_for(item.future, max(0.0, deadline - time.monotonic()))
         return Outcome(answers, round((item.started_at - item.enqueued_at) * 1000, 2),
-                       round(item.compute_s * 1000, 2), item.batch_size, round(preprocess_s * 1000, 2))
+                       round(item.compute_s * 1000, 2), item.batch_size, round(preprocess_s * 1000, 2), item.image_key)
+
+    def _follow_up(self, image_id: str, questions: list[str]) -> Prepared:
+        """A follow-up by image id: only its questions to encode."""
+        assert self.loaded is not None
+        with self.metrics.stage("preprocess"):
+            enc = self.loaded.tokenizer.encode(questions)
+        return Prepared(image_id, None, enc.input_ids, enc.attention_mask)
 
     def _prepare(self, image: bytes, questions: list[str]) -> Prepared:
         assert self.loaded is not None and self._upload is not None

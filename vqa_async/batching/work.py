@@ -11,12 +11,23 @@ import torch
 from vqa_async.model.answer import Answered
 
 
+class ImageNotCached(Exception):
+    """A follow-up named its image by id, and this process does not hold its embedding (never seen, evicted, or
+    restarted since): the client must send the image again."""
+
+    def __init__(self, image_id: str) -> None:
+        super().__init__(f"image {image_id} is not cached here")
+        self.image_id = image_id
+
+
 @dataclass(eq=False)
 class WorkItem:
     """One request: one image and its questions. `future` gets one Answered per question."""
 
     image_key: str  # sha256 of the uploaded bytes: equal images share a vision-encoder pass and the cache
-    pixels: torch.Tensor  # (3, R, R) uint8, resized off the event loop; normalized per batch on the device
+    # (3, R, R) uint8, resized off the event loop; normalized per batch on the device. None for a follow-up that
+    # names its image by `image_key` alone: its embedding must come from the cache (or an upload in its batch).
+    pixels: torch.Tensor | None
     input_ids: torch.Tensor  # (Q, 25)
     attention_mask: torch.Tensor  # (Q, 25)
     future: asyncio.Future[list[Answered]]

@@ -10,11 +10,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vqa_async.batching.executor import ItemFailed, ModelFailing
 from vqa_async.batching.service import NotReady, Outcome, Overloaded
+from vqa_async.batching.work import ImageNotCached
 from vqa_async.http.context import CLIENT, OUTCOME, QUESTIONS, Client
 from vqa_async.http.errors import ApiError, Handler, error_body, json_response
 from vqa_async.http.keys import AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.openapi import openapi_spec
-from vqa_async.http.parse import VqaInput, read_vqa_input
+from vqa_async.http.parse import IMAGE_ID_HEADER, VqaInput, read_vqa_input
 from vqa_async.metrics import SUM_ROUTE, multiprocess_dir, summed
 from vqa_async.model.preprocess import ImageError
 
@@ -25,11 +26,15 @@ async def ask(request: web.Request, vqa: VqaInput) -> Outcome:
     request[QUESTIONS] = len(vqa.questions)
     try:
         with request.app[INFLIGHT].hold(client.name):
-            out = await request.app[SERVICE].ask(vqa.image, vqa.questions, client.name, client.weight)
+            out = await request.app[SERVICE].ask(None if vqa.image_id else vqa.image, vqa.questions, client.name,
+                                                 client.weight, image_id=vqa.image_id)
         request[OUTCOME] = out  # for Server-Timing and the access log
         return out
     except ImageError as e:
         raise ApiError(413 if e.code == "image_too_large" else 400, e.code, e.message) from e
+    except ImageNotCached as e:  # not retried by the cluster: another worker holds it no more than this one
+        raise ApiError(409, "image_not_cached", f"image {e.image_id} is not cached here (evicted, or this server "
+                       "restarted): send the image again") from e
     except Overloaded as e:
         raise ApiError(503, "overloaded", "too many requests are waiting; retry shortly",
                        {"Retry-After": "1"}) from e
@@ -50,8 +55,13 @@ async def vqa_v1(request: web.Request) -> web.Response:
     body: dict[str, object] = {"answers": [a.text for a in out.answers]} if vqa.plural else \
         {"answer": out.answers[0].text}
     body.update(model=request.app[SERVICE].model_name, queue_ms=out.queue_ms, compute_ms=out.compute_ms,
-                batch_size=out.batch_size)
-    return json_response(body)
+                batch_size=out.batch_size, image_id=out.image_id)
+    return json_response(body, headers=image_header(out))
+
+
+def image_header(out: Outcome) -> dict[str, str]:
+    """The answered image's id, for follow-ups: the cluster's HAProxy learns from it which worker holds it."""
+    return {IMAGE_ID_HEADER: out.image_id}
 
 
 async def vqa_legacy(request: web.Request) -> web.Response:
@@ -59,7 +69,7 @@ async def vqa_legacy(request: web.Request) -> web.Response:
     vqa = await read_vqa_input(request, request.app[SETTINGS])
     out = await ask(request, vqa)
     return json_response({"status": "success", "answer": out.answers[0].text,
-                          "model_used": request.app[SERVICE].model_name})
+                          "model_used": request.app[SERVICE].model_name}, headers=image_header(out))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -30,6 +30,7 @@ class VqaInput:
     plural: bool  # answer as {"answers": [...]} rather than {"answer": ...}
     api_key: str | None = None  # the page's no-JavaScript form sends its key as a field
     image_url: str | None = None  # JSON's `image_url`: read_vqa_input fetches it into `image`
+    image_id: str | None = None  # a follow-up names a previous answer's image instead of sending it (`image` empty)
 
 
 def bad(code: str, message: str, status: int = 400) -> ApiError:
@@ -77,10 +78,11 @@ def media_type(request: web.Request) -> str:
 
 async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
     if media_type(request) == "application/x-www-form-urlencoded":  # such a form cannot carry a file
-        raise bad("missing_image", "add the picture as a file field named 'image' (a multipart/form-data upload)")
+        return await _follow_up_form(request, settings)
     # Read the parts ourselves, in memory and bounded: no spooled temporary files to leak on a bad request.
     image: bytes | None = None
     api_key: bytes | None = None
+    image_id: bytes | None = None
     questions: list[bytes] = []
     total = parts = 0
     try:
@@ -108,16 +110,37 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
                 questions.append(bytes(data))
             elif name == "api_key" and filename is None:
                 api_key = bytes(data)
+            elif name == "image_id":
+                if filename is not None:
+                    raise bad("invalid_image_id", "'image_id' must be text, not a file")
+                image_id = bytes(data)
     except ApiError:
         raise
     except (ValueError, AssertionError, HttpProcessingError, web.HTTPException) as e:  # malformed framing
         if isinstance(e, web.HTTPException) and e.status == 413:
             raise
         raise bad("invalid_multipart", f"the multipart body cannot be read: {e}") from e
-    vqa = _form_input(image, questions, settings)
+    named = named_image(request, None if image_id is None else image_id.decode("utf-8", "replace"),
+                        sent_image=bool(image))  # an empty file part is what a browser sends for no file
+    # A follow-up's `image` stays empty: the service takes the embedding from its cache.
+    vqa = _form_input(image, questions, settings) if named is None else \
+        dataclasses.replace(_form_input(b"", questions, settings), image_id=named)
     if api_key:
         return dataclasses.replace(vqa, api_key=api_key.decode("utf-8", "replace"))
     return vqa
+
+
+async def _follow_up_form(request: web.Request, settings: Settings) -> VqaInput:
+    """A form without a file (`curl -d`) can only be a follow-up: it names the image by `image_id`."""
+    fields = await request.post()  # bounded by the app's client_max_size
+    if len(fields) > settings.max_form_parts:
+        raise bad("too_many_parts", f"the form has more than {settings.max_form_parts} fields")
+    named = named_image(request, fields.get("image_id"), sent_image=False)
+    if named is None or "image" in fields:
+        raise bad("missing_image", "add the picture as a file field named 'image' (a multipart/form-data upload), "
+                  "or name a previous answer's image with 'image_id'")
+    questions = [q for q in fields.getall("question", []) + fields.getall("questions", []) if isinstance(q, str)]
+    return VqaInput(b"", check_questions(questions, settings), plural=len(questions) > 1, image_id=named)
 
 
 # What browsers, curl, requests and aiohttp send: `form-data; name="x"` with an optional `; filename="y"`.
@@ -137,7 +160,8 @@ def part_names(part: BodyPartReader) -> tuple[str | None, str | None]:
 
 def _form_input(image: bytes | None, raw_questions: list[bytes], settings: Settings) -> VqaInput:
     if image is None:
-        raise bad("missing_image", "add the picture as a file field named 'image'")
+        raise bad("missing_image", "add the picture as a file field named 'image' (or, for a follow-up question, "
+                  "a previous answer's 'image_id')")
     questions = []
     for q in raw_questions:
         try:
@@ -168,6 +192,9 @@ async def _from_json(request: web.Request, settings: Settings) -> VqaInput:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise bad("invalid_json", "the JSON body must be an object with 'image' and 'question' or 'questions'")
+    named = named_image(request, body.get("image_id"), sent_image=bool(body.get("image")) or "image_url" in body)
+    if named is not None:  # a follow-up: no image to read
+        return dataclasses.replace(_json_questions(body, b"", settings), image_id=named)
     if "image_url" in body:
         url = _image_url(body)
         return dataclasses.replace(_json_questions(body, b"", settings), image_url=url)
@@ -180,6 +207,30 @@ async def _from_json(request: web.Request, settings: Settings) -> VqaInput:
         image_b64 = image_b64.split(",", 1)[1]
     data = decode_base64(image_b64)
     return _json_questions(body, data, settings)
+
+
+_IMAGE_ID = re.compile(r"[0-9a-fA-F]{64}")
+IMAGE_ID_HEADER = "X-Image-Id"  # on every answer; a follow-up may send it too
+
+
+def named_image(request: web.Request, field: object, sent_image: bool) -> str | None:
+    """The image a follow-up names instead of sending it: a previous answer's `image_id`, as a form field or JSON
+    key, or as the `X-Image-Id` header or the `image_id` query parameter (which a proxy reads without parsing the
+    body). None when the request names none; lowercased."""
+    given = [v for v in (field, request.query.get("image_id"), request.headers.get(IMAGE_ID_HEADER)) if v is not None]
+    if not given:
+        return None
+    ids = set()
+    for v in given:
+        if not isinstance(v, str) or not _IMAGE_ID.fullmatch(v):
+            raise bad("invalid_image_id", "'image_id' must be a previous answer's image_id: 64 hex characters")
+        ids.add(v.lower())
+    if len(ids) > 1:
+        raise bad("invalid_image_id", "the request names two different images (the image_id field, the X-Image-Id "
+                  "header, the image_id query parameter)")
+    if sent_image:
+        raise bad("image_and_image_id", "send the image or a previous answer's image_id, not both")
+    return ids.pop()
 
 
 def _image_url(body: dict[str, object]) -> str:
