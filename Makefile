@@ -24,11 +24,13 @@ bench: install-test system  ## baseline, serve, cluster and ceiling side by side
 	  --out bench/out
 
 system:  ## Debian packages: HAProxy (the front), Chromium + driver (page tests), ab (load checks),
-         ## iproute2 + dnsmasq (network-namespace hosts and DNS discovery in tests/test_fleet.py)
+         ## iproute2 + dnsmasq (network-namespace hosts and DNS discovery in tests/test_fleet.py),
+         ## curl and openssl (the TLS tests speak to the servers with them)
 	@if ! command -v haproxy >/dev/null || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] \
-	    || ! command -v dnsmasq >/dev/null || ! command -v ip >/dev/null; then \
+	    || ! command -v dnsmasq >/dev/null || ! command -v ip >/dev/null || ! command -v curl >/dev/null \
+	    || ! command -v openssl >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy chromium chromium-driver \
-	    apache2-utils iproute2 dnsmasq-base >/dev/null; fi
+	    apache2-utils iproute2 dnsmasq-base curl openssl >/dev/null; fi
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from cluster_support import RunningCluster, start_cluster, stop_cluster
 
+from vqa_async.tools.loadgen import easy_vqa_requests, run_load
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.cluster.supervisor import free_port
 from vqa_async.model.architecture import WEIGHTS_NAME
 from vqa_async.model.memory import file_pss
-from vqa_async.tools.loadgen import easy_vqa_requests, run_load
 
 pytestmark = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 
@@ -71,9 +71,10 @@ def test_sigkill_a_worker_under_load_loses_nothing(cluster: RunningCluster) -> N
     assert not failures, failures[:3]
     assert len(results) == 300
     # Restarted and back in rotation: a new process, taken out of rotation by HAProxy (its UP->DOWN count went
-    # up), ready, and UP again. A warm spare makes it about 2 s (bench/chaos.py measures it); 30 s here, so that
-    # a busy box without a spare ready (a cold start, ~12 s) passes too.
-    while time.monotonic() - killed_at < 30:
+    # up), ready, and UP again. A warm spare makes it about 2 s (the chaos bench measures it); 60 s here, so that
+    # a busy box without a spare ready (a cold start, whose imports take much longer beside two busy workers)
+    # passes too: this pins that it comes back, not how fast.
+    while time.monotonic() - killed_at < 60:
         state = cluster.state()["workers"][1]
         if (state["pid"] != victim["pid"] and int(cluster.server_status("chkdown")["w1"]) > downs_before
                 and cluster.server_status().get("w1", "").startswith("UP")):
@@ -81,7 +82,7 @@ def test_sigkill_a_worker_under_load_loses_nothing(cluster: RunningCluster) -> N
         time.sleep(0.1)
     back_after = time.monotonic() - killed_at
     print(f"\nworker w1 back in rotation {back_after:.1f}s after SIGKILL; 0 of 300 requests failed")
-    assert back_after <= 30.0
+    assert back_after <= 60.0
 
 
 def test_rolling_reload_under_load_loses_nothing(cluster: RunningCluster) -> None:

@@ -30,10 +30,10 @@ from cluster_support import (
     wait_until_serving,
 )
 
+from vqa_async.tools.loadgen import easy_vqa_requests, run_load
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.config import Settings
 from vqa_async.model.architecture import WEIGHTS_NAME
-from vqa_async.tools.loadgen import easy_vqa_requests, run_load
 
 pytestmark = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 
@@ -79,8 +79,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path, faults: Pa
     cl = start_cluster(tmp_path_factory.mktemp("cluster"), demo_dir, *extra, env=faulty_env(faults))
     yield cl
     set_faults(faults, {})
-    if cl.proc.poll() is None:  # the graceful stop test stops it itself
-        stop_cluster(cl)
+    stop_cluster(cl)
 
 
 def worker_model(port: int) -> str:
@@ -203,9 +202,10 @@ def test_a_hung_model_thread_gets_its_worker_restarted(cluster: RunningCluster, 
         time.sleep(0.2)
 
 
-def test_sigterm_answers_everything_in_flight_then_exits_0(cluster: RunningCluster) -> None:
-    # Last in this file: it stops the shared cluster.
-    cl = cluster
+def test_sigterm_answers_everything_in_flight_then_exits_0(tmp_path: Path, demo_dir: Path) -> None:
+    # A cluster of its own: stopping the shared one would leave the other tests of this file (in any order)
+    # without one.
+    cl = start_cluster(tmp_path, demo_dir)
     pids = cluster_pids(cl)
 
     async def scenario() -> list:  # type: ignore[type-arg]
