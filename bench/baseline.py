@@ -4,7 +4,9 @@ For each request: ModelScope's own `MPlugPreprocessor`, then the model's own `fo
 at a time on one thread — what `pipeline(Tasks.visual_question_answering)` does (the unmodified pipeline cannot
 load a serving directory or the narrowed demo model, so it is reproduced step by step).
 
-    python bench/baseline.py --model DIR --port 8100
+    python -m bench.baseline --model DIR --port 8100 [--torch-threads N]
+
+The launcher (bench.lib.systems) gives it the same torch threads and OMP_WAIT_POLICY as every other system.
 """
 
 from __future__ import annotations
@@ -12,21 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import orjson
 import torch
 from aiohttp import web
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
 
 def build(model_dir: str | None, device: str) -> web.Application:
-    from pipeline_support import install_stand_ins
+    from tests.pipeline_support import install_stand_ins  # ModelScope's preprocessor module imports decord
 
     install_stand_ins()
     from modelscope.preprocessors.multi_modal import MPlugPreprocessor
@@ -70,7 +67,10 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--torch-threads", type=int, default=0, help="torch's intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     web.run_app(build(args.model, args.device), host="127.0.0.1", port=args.port, print=None, access_log=None)
 
 

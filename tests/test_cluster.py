@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from cluster_support import RunningCluster, start_cluster, stop_cluster
 
-from vqa_async.tools.loadgen import easy_vqa_requests, run_load
+from bench.lib.loadgen import easy_vqa_requests, run_load
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.cluster.supervisor import free_port
 from vqa_async.model.architecture import WEIGHTS_NAME

@@ -19,10 +19,10 @@ import aiohttp
 import pytest
 from cluster_support import RunningCluster, faulty_env, set_faults, start_cluster, stop_cluster
 
+from bench.lib.loadgen import easy_vqa_requests, encode_forms, run_load
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.cluster.runtime import RuntimeDirError, prepare_dir, read_json, write_json
 from vqa_async.cluster.supervisor import free_port_pair
-from vqa_async.tools.loadgen import easy_vqa_requests, encode_forms, run_load
 
 needs_haproxy = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 

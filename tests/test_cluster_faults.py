@@ -30,7 +30,7 @@ from cluster_support import (
     wait_until_serving,
 )
 
-from vqa_async.tools.loadgen import easy_vqa_requests, run_load
+from bench.lib.loadgen import easy_vqa_requests, run_load
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.config import Settings
 from vqa_async.model.architecture import WEIGHTS_NAME

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cluster_support import RunningCluster, cluster_command, stop_cluster
 
-from vqa_async.tools.certs import self_signed_cert
-from vqa_async.tools.loadgen import easy_vqa_requests, encode_forms
+from bench.lib.certs import self_signed_cert
+from bench.lib.loadgen import easy_vqa_requests, encode_forms
 from vqa_async.cli import build_parser, cluster_options
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.cluster.supervisor import free_port_pair

@@ -22,10 +22,10 @@ import pytest
 from cluster_support import RunningCluster, start_cluster, stop_cluster
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.lib.loadgen import Form, easy_vqa_requests, encode_forms
 from vqa_async.cluster.children import start_child
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.http.auth import KeyRing
-from vqa_async.tools.loadgen import Form, easy_vqa_requests, encode_forms
 
 needs_haproxy = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 

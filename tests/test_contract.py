@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.lib.loadgen import wait_ready
 from vqa_async.cluster.supervisor import free_port
-from vqa_async.tools.loadgen import wait_ready
 
 KEY = "contract-test-key-0123456789"
 

@@ -25,9 +25,9 @@ import pytest
 from cluster_support import RunningCluster
 from netns_hosts import Host, Hosts, qdisc_available, skip_reason
 
+from bench.lib.loadgen import Result, easy_vqa_requests, encode_forms, run_load
 from vqa_async.cluster.haproxy import RuntimeApi, find_haproxy
 from vqa_async.cluster.supervisor import free_port, free_port_pair
-from vqa_async.tools.loadgen import Result, easy_vqa_requests, encode_forms, run_load
 
 _why_not = skip_reason() or (None if find_haproxy() else "needs Debian's haproxy")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why_not is not None, reason=_why_not or "")]

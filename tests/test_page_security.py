@@ -33,9 +33,9 @@ from page_support import (
     webdriver,
 )
 
+from bench.lib.loadgen import wait_ready
 from vqa_async.cluster.supervisor import free_port
 from vqa_async.http.security import CONTENT_SECURITY_POLICY, _same_origin
-from vqa_async.tools.loadgen import wait_ready
 
 # Sets a marker and the title if any part of it is ever parsed as markup and runs.
 PAYLOAD = ('"><script>window.__xss = 1; document.title = "xss"</script>'

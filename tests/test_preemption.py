@@ -19,7 +19,7 @@ import pytest
 import torch
 from cluster_support import faulty_env, set_faults
 
-from vqa_async.tools.loadgen import wait_ready
+from bench.lib.loadgen import wait_ready
 from vqa_async.cluster.supervisor import free_port
 from vqa_async.model.answer import Answerer
 from vqa_async.model.loader import LoadedModel

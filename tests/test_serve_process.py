@@ -13,8 +13,8 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.lib.loadgen import wait_ready
 from vqa_async.cluster.supervisor import free_port
-from vqa_async.tools.loadgen import wait_ready
 
 
 def test_sigterm_answers_everything_queued_then_exits_0(demo_dir: Path, easy_vqa_images: list[Path]) -> None:

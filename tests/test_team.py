@@ -293,7 +293,7 @@ async def test_access_log_off_writes_nothing(make_client: ClientMaker, tmp_path:
 # -- TLS on serve ----------------------------------------------------------------------------------------------
 def test_serve_over_tls_answers_with_its_ca_and_refuses_plain_http(tmp_path: Path, demo_dir: Path,
                                                                    easy_vqa_images: list[Path]) -> None:
-    from vqa_async.tools.certs import self_signed_cert
+    from bench.lib.certs import self_signed_cert
     from vqa_async.cluster.supervisor import free_port
 
     cert, key = self_signed_cert(tmp_path)

@@ -152,7 +152,7 @@ def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 240) -> None
 def _ask(url: str) -> dict:  # type: ignore[type-arg]
     import asyncio
 
-    from vqa_async.tools.loadgen import easy_vqa_requests, run_load
+    from bench.lib.loadgen import easy_vqa_requests, run_load
 
     (result,) = asyncio.run(run_load(url + "/v1/vqa", easy_vqa_requests(1), concurrency=1))
     assert result.status == 200, result.error

@@ -1,5 +1,14 @@
-"""A closed-loop load generator: `concurrency` clients send `requests` questions in all, each as soon as its
-previous answer came back. Used by the tests, the issue notes' load checks, and the bench."""
+"""The bench's one load generator: closed-loop clients, each sending its next request as soon as its previous
+answer came back. Used by every scenario and by the tests.
+
+A client takes a *job* at a time from a shared iterator: one request, or a person's follow-up questions about one
+image in a row (sent by `image_id` where the server's first answer names one, else with the same bytes again).
+Clients may each have their own source address (`sources`: many people, as a server sees them in production),
+and the run may last a fixed number of jobs or until a deadline (`until`; what is still in flight then is not
+counted).
+
+    python -m bench.lib.loadgen --url http://127.0.0.1:8000/v1/vqa --requests 200 --concurrency 8
+"""
 
 from __future__ import annotations
 
@@ -7,14 +16,17 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import ssl
 import statistics
 import subprocess
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
 import orjson
@@ -29,10 +41,20 @@ class Result:
     served_by: str | None = None
     batch_size: int | None = None
     error: str | None = None
+    started: float = 0.0  # time.monotonic() when sent
+    answers: int = 0  # questions answered (a multi-question request answers several)
+    by_image_id: bool = False  # a follow-up sent by the server's image_id instead of the bytes
+    client: int = 0  # which closed-loop client sent it
+    image_id: str | None = None  # the server's name for the upload, where it gives one (follow-ups use it)
+
+    @property
+    def done(self) -> float:
+        return self.started + self.latency_s
 
 
 def easy_vqa_requests(n: int) -> list[tuple[bytes, str]]:
-    """n (image bytes, question) pairs from easy-VQA's test split, cycling; one bytes object per image."""
+    """n (image bytes, question) pairs from easy-VQA's test split, cycling; one bytes object per image. The same
+    bytes come back after 1,000-odd requests: a comparison stamps them (bench.lib.workloads)."""
     from vqa_async.tools.evaluate import easy_vqa_test
 
     questions, _, paths = easy_vqa_test()
@@ -48,65 +70,138 @@ def easy_vqa_requests(n: int) -> list[tuple[bytes, str]]:
 
 @dataclass(frozen=True)
 class Form:
-    """One request, encoded: a multipart/form-data body and its Content-Type."""
+    """One request, encoded: a multipart/form-data body and its Content-Type, and the questions it asks (a
+    follow-up by image_id is built from them)."""
 
     body: bytes
     content_type: str
+    questions: tuple[str, ...] = ()
 
 
-async def _encode(pairs: list[tuple[bytes, str]]) -> list[Form]:
-    out = []
-    for image, question in pairs:
-        form = aiohttp.FormData()
-        form.add_field("image", image, filename="image.png", content_type="image/png")
-        form.add_field("question", question)
-        payload = form()
-        out.append(Form(await payload.as_bytes(), payload.content_type))
-    return out
+Job = tuple[Form, ...]  # what one client sends in a row
+
+BOUNDARY = "vqa-bench-boundary-7d1f0c"
+
+
+def multipart(image: bytes | None, questions: Sequence[str], filename: str = "image.png",
+              content_type: str = "image/png", fields: Sequence[tuple[str, str]] = ()) -> Form:
+    """A multipart/form-data body as browsers and aiohttp's FormData write it: the `image` part (if any), then one
+    `question` part per question, then any other text fields. Built by hand, in microseconds, so that a run
+    that lasts a time can stamp and encode each request as it sends it."""
+    parts: list[bytes] = []
+    b = BOUNDARY.encode()
+    if image is not None:
+        parts += [b"--" + b + b'\r\nContent-Disposition: form-data; name="image"; filename="' + filename.encode()
+                  + b'"\r\nContent-Type: ' + content_type.encode() + b"\r\n\r\n", image, b"\r\n"]
+    for name, value in [("question", q) for q in questions] + list(fields):
+        parts += [b"--" + b + b'\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n',
+                  value.encode(), b"\r\n"]
+    parts.append(b"--" + b + b"--\r\n")
+    return Form(b"".join(parts), f"multipart/form-data; boundary={BOUNDARY}", tuple(questions))
 
 
 def encode_forms(pairs: list[tuple[bytes, str]]) -> list[Form]:
-    """Each (image, question) as a multipart/form-data body, encoded once. Call it before the clock starts: the
-    load generator should spend its CPU on sending, and encoding costs about 24 µs a request."""
-    return uvloop.run(_encode(pairs))
+    """Each (image, question) as a multipart/form-data body, encoded once, before the clock starts."""
+    return [multipart(image, [question]) for image, question in pairs]
 
 
-def load(url: str, requests: list[Form] | list[tuple[bytes, str]], concurrency: int, **kwargs: Any) -> list[Result]:
+def load(url: str, requests: Any, concurrency: int, **kwargs: Any) -> list[Result]:
     """`run_load` on uvloop (the loop the servers run on too): less of the shared CPU goes to the client."""
     return uvloop.run(run_load(url, requests, concurrency, **kwargs))
 
 
-async def run_load(url: str, requests: list[Form] | list[tuple[bytes, str]], concurrency: int,
-                   timeout_s: float = 60.0, ssl_context: ssl.SSLContext | None = None) -> list[Result]:
-    """Sends `requests` (encoded Forms, or (image, question) pairs, encoded here) from `concurrency` clients."""
-    if requests and not isinstance(requests[0], Form):
-        forms = await _encode(cast(list[tuple[bytes, str]], requests))
-    else:
-        forms = cast(list[Form], requests)
-    results: list[Result] = []
-    todo = iter(forms)  # the clients share it: each takes the next request when its last one is answered
-    # ssl_context: an https URL's CA (a self-signed front); otherwise aiohttp's default verification.
-    connector = aiohttp.TCPConnector(limit=concurrency, ssl=ssl_context if ssl_context is not None else True)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
+def _jobs(requests: Iterable[Any]) -> Iterator[Job]:
+    for r in requests:
+        if isinstance(r, Form):
+            yield (r,)
+        elif r and isinstance(r[0], bytes | bytearray):  # an (image, question) pair
+            yield (multipart(bytes(r[0]), [str(r[1])]),)
+        else:
+            yield tuple(r)
 
-        async def client() -> None:
-            for form in todo:
-                t0 = time.monotonic()
-                try:
-                    async with s.post(url, data=form.body, headers={"Content-Type": form.content_type}) as r:
-                        raw = await r.read()
-                        res = Result(r.status, time.monotonic() - t0, served_by=r.headers.get("X-Served-By"))
-                        if r.status == 200:
-                            reply = orjson.loads(raw)
-                            res.answer, res.batch_size = reply.get("answer"), reply.get("batch_size")
-                        else:
-                            res.error = raw[:200].decode(errors="replace")
-                except (TimeoutError, aiohttp.ClientError, ValueError) as e:  # orjson's error is a ValueError
-                    res = Result(0, time.monotonic() - t0, error=f"{type(e).__name__}: {e}")
-                results.append(res)
 
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-    return results
+@dataclass
+class _Run:
+    url: str
+    jobs: Iterator[Job]
+    until: float | None
+    headers: dict[str, str]
+    think_s: float = 0.0
+    results: list[Result] = field(default_factory=list)
+
+    async def client(self, k: int, session: aiohttp.ClientSession) -> None:
+        while self.until is None or time.monotonic() < self.until:
+            job = next(self.jobs, None)
+            if job is None:
+                return
+            image_id: str | None = None
+            for i, form in enumerate(job):
+                if i and image_id:  # a follow-up about the image the server already holds
+                    form = multipart(None, form.questions, fields=[("image_id", image_id)])
+                res = await self.send(session, form, k, by_image_id=bool(i and image_id))
+                self.results.append(res)
+                if i == 0:
+                    image_id = res.image_id
+                if self.think_s:  # a person reading the answer before asking again
+                    await asyncio.sleep(self.think_s)
+
+    async def send(self, session: aiohttp.ClientSession, form: Form, k: int, by_image_id: bool) -> Result:
+        t0 = time.monotonic()
+        try:
+            async with session.post(self.url, data=form.body,
+                                    headers={**self.headers, "Content-Type": form.content_type}) as r:
+                raw = await r.read()
+                res = Result(r.status, time.monotonic() - t0, served_by=r.headers.get("X-Served-By"), started=t0,
+                            by_image_id=by_image_id, client=k)
+                if r.status == 200 and r.content_type != "application/json":  # the page's HTML answer
+                    res.answers = 1
+                elif r.status == 200:
+                    reply = orjson.loads(raw)
+                    res.answer, res.batch_size = reply.get("answer"), reply.get("batch_size")
+                    res.answers = len(reply["answers"]) if "answers" in reply else 1
+                    res.image_id = reply.get("image_id")
+                else:
+                    res.error = raw[:200].decode(errors="replace")
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:  # orjson's error is a ValueError
+            res = Result(0, time.monotonic() - t0, error=f"{type(e).__name__}: {e}", started=t0, client=k)
+        return res
+
+
+async def run_load(url: str, requests: Iterable[Any], concurrency: int, timeout_s: float = 60.0,
+                   ssl_context: ssl.SSLContext | None = None, sources: Sequence[str] | None = None,
+                   until: float | None = None, drain_s: float = 5.0,
+                   headers: dict[str, str] | None = None, think_s: float = 0.0) -> list[Result]:
+    """Sends `requests` (Forms, (image, question) pairs, or Jobs: tuples of Forms sent in a row by one client)
+    from `concurrency` closed-loop clients.
+
+    `sources`: client i connects from `sources[i % len(sources)]` (its own connection pool). `until`: a
+    time.monotonic() after which no client starts a job; requests still in flight get `drain_s` more, then are
+    cancelled and not reported. `ssl_context`: an https URL's CA (a self-signed front). `think_s`: each client's
+    pause after an answer (a person reading it)."""
+    run = _Run(url, _jobs(requests), until, headers or {}, think_s)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    tls: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+    sessions: list[aiohttp.ClientSession] = []
+    try:
+        if sources:
+            for k in range(concurrency):
+                connector = aiohttp.TCPConnector(limit=1, ssl=tls, local_addr=(sources[k % len(sources)], 0))
+                sessions.append(aiohttp.ClientSession(connector=connector, timeout=timeout))
+        else:
+            sessions.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency, ssl=tls),
+                                                  timeout=timeout))
+        tasks = [asyncio.ensure_future(run.client(k, sessions[k % len(sessions)])) for k in range(concurrency)]
+        if until is None:
+            await asyncio.gather(*tasks)
+        else:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, until - time.monotonic()) + drain_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for s in sessions:
+            await s.close()
+    return run.results
 
 
 def percentile(sorted_ms: list[float], p: float) -> float:
@@ -114,31 +209,39 @@ def percentile(sorted_ms: list[float], p: float) -> float:
     return round(sorted_ms[min(len(sorted_ms) - 1, int(p / 100 * len(sorted_ms)))], 1)
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600,
+               ssl_context: ssl.SSLContext | None = None) -> None:
     """Polls `url`/readyz until it answers 200; raises if `proc` exits first or `timeout` passes."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=2,
+                                                                  context=ssl_context) as r:
             if r.status == 200:
                 return
         time.sleep(0.2)
     raise TimeoutError(f"{url} not ready within {timeout:.0f} s")
 
 
-def summarize(results: list[Result], wall_s: float) -> dict[str, float | int]:
+def summarize(results: list[Result], wall_s: float, window: tuple[float, float] | None = None) -> dict[str, Any]:
+    """answers/s, latency percentiles (ms) and failures. `window` (start, end) in time.monotonic(): only requests
+    sent and answered inside it count, and the rate is over the window (a run that lasted a time)."""
+    if window is not None:
+        results = [r for r in results if r.started >= window[0] and r.done <= window[1]]
+        wall_s = window[1] - window[0]
     ok = [r for r in results if r.status == 200]
     lat = sorted(r.latency_s * 1000 for r in ok) or [0.0]
-
-    def pct(p: float) -> float:
-        return percentile(lat, p)
-
     sizes = [r.batch_size for r in ok if r.batch_size]
-    return {"requests": len(results), "failures": len(results) - len(ok), "answers_per_s": round(len(ok) / wall_s, 2),
-            "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+    statuses = Counter(r.status for r in results if r.status != 200)
+    return {"requests": len(results), "failures": len(results) - len(ok),
+            "answers_per_s": round(sum(r.answers for r in ok) / wall_s, 2) if wall_s else 0.0,
+            "requests_per_s": round(len(ok) / wall_s, 2) if wall_s else 0.0,
+            "p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "p99_ms": percentile(lat, 99),
             "mean_batch_size_seen": round(statistics.mean(sizes), 2) if sizes else 0.0,
-            "max_batch_size_seen": max(sizes) if sizes else 0}
+            "max_batch_size_seen": max(sizes) if sizes else 0,
+            "failed_by_status": {str(k): v for k, v in sorted(statuses.items())},
+            "follow_ups_by_image_id": sum(r.by_image_id for r in results)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,10 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     args = ap.parse_args(argv)
-    forms = encode_forms(easy_vqa_requests(args.requests))
+    from bench.lib.workloads import Workload
+
+    jobs = list(Workload("distinct").jobs(args.requests))
     t0 = time.monotonic()
-    results = load(args.url, forms, args.concurrency)
-    print(json.dumps({"concurrency": args.concurrency, **summarize(results, time.monotonic() - t0)}))
+    results = load(args.url, jobs, args.concurrency)
+    print(json.dumps({"concurrency": args.concurrency, "pid": os.getpid(),
+                      **summarize(results, time.monotonic() - t0)}))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """A reproducible set of phone-like photos, built from the photographs scikit-image ships (no download).
 
-    python bench/photos.py [DIR]      # writes the set (default: photos_dir()) and prints one line per file
+    python -m bench photos [DIR]      # writes the set (default: photos_dir()) and prints one line per file
 
 Four photographs (astronaut, chelsea, coffee, rocket) center-cropped to 4:3 and resized with Pillow's LANCZOS to
 ~0.3 MP (640x480), ~2 MP (1632x1224) and 12 MP (4032x3024), with a little seeded sensor noise (a smooth upscale
@@ -129,8 +129,9 @@ def photo_requests(n: int, photos: list[Photo] | None = None) -> list[tuple[byte
             for i in range(n)]
 
 
-def main() -> None:
-    dst = Path(sys.argv[1]) if len(sys.argv) > 1 else None
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    dst = Path(argv[0]) if argv else None
     for p in build(dst):
         print(f"{p.path}  {p.width}x{p.height}  {p.mp:.1f} MP  {p.path.stat().st_size / 1e6:.2f} MB")
 

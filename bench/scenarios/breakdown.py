@@ -1,15 +1,16 @@
 """Where the time goes: CPU time per answer and per batch, by stage and by process, under load.
 
-    python bench/breakdown.py [--system cluster|serve] [--workers N] [--concurrency 32] [--requests 1000]
-        [--model DIR] [--images FOLDER|photos] [--out DIR] [any other serve flag, e.g. --torch-threads 1]
+    python -m bench breakdown [--system cluster|serve] [--workers N] [--concurrency 32] [--requests 1000]
+        [--model DIR] [--images FOLDER|photos] [--workload distinct] [--out DIR] [any other serve flag]
 
-It starts the system (as bench/run.py does), sends a closed-loop load, and reads CPU time from three sources:
+It starts the system (bench.lib.systems, as every scenario does), sends a closed-loop load of uploads it has
+never seen (warm-up included: the `distinct` workload by default), and reads CPU time from three sources:
 the load generator's own process (this one), HAProxy's and the supervisor's /proc entries, and each worker's
 /metrics (`process_cpu_seconds_total`, and `vqa_stage_cpu_seconds{stage}` for decode, preprocess, vision
 encoder and decoder). A worker's HTTP share is its process CPU minus its stages. The stage figures are thread CPU
 times, so they are whole only when torch runs one thread per worker (the cluster's default on CPU); on CUDA read
 the model stages' wall times (the executor synchronizes after the vision encoder). Writes DIR/breakdown.json and
-DIR/breakdown.md. (Not named profile.py: bench/ is on sys.path and would shadow the standard library's profile.)
+DIR/breakdown.md, with the cache hits and dedups the workers counted.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import System, mean_megapixels, request_pairs, scrape, start
-
-from vqa_async.metrics import STAGES  # noqa: E402
-from vqa_async.tools.loadgen import encode_forms, load, summarize  # noqa: E402
+from bench.lib.loadgen import load, summarize
+from bench.lib.metrics import counted, scrape
+from bench.lib.systems import System, add_setup_arguments, setup_from, start, stop_all
+from bench.lib.workloads import WORKLOADS, Workload, mean_megapixels
+from vqa_async.metrics import STAGES
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -94,43 +96,46 @@ def markdown(p: dict[str, Any], command: str) -> str:
     d = p["upload"]
     lines += ["", f"Uploads (images of {p['image_mp']} MP on average): decode and resize take {d['ms_per_image']} ms "
               f"of CPU per image, {100 * d['share']:.1f}% of all CPU time spent."]
+    lines += ["", f"Workload `{p['workload']}`: the workers counted {p['cache_hits']} cache hits, {p['cache_misses']} "
+              f"misses and {p['dedups']} per-batch dedups."]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench breakdown", description=__doc__.splitlines()[0])
     ap.add_argument("--system", default="cluster", choices=["cluster", "serve"])
-    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--decoder", default="fast", choices=["reference", "fast"])
-    ap.add_argument("--max-batch-size", type=int, default=0)
     ap.add_argument("--images", default=None, help="a folder of images, or `photos` (default: easy-VQA's test split)")
+    ap.add_argument("--workload", default="distinct", choices=WORKLOADS)
     ap.add_argument("--out", default="bench/out")
-    args, extra = ap.parse_known_args()
-    args.extra = extra
+    add_setup_arguments(ap)
+    args, extra = ap.parse_known_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = request_pairs(args.images, args.requests)
-    forms = encode_forms(pairs)
-    sysm = start(args.system, args, out)
+    workload = Workload(args.workload, args.images)
+    jobs = workload.jobs(args.requests)
+    sources = workload.sources(args.concurrency)
+    sysm = start(args.system, setup_from(args, extra, log_dir=out / "logs"))
     try:
-        load(sysm.url + "/v1/vqa", forms[:200], args.concurrency)  # warm-up
+        load(sysm.url + "/v1/vqa", workload.jobs(200), args.concurrency, sources=sources)  # warm-up
+        cache0 = counted(sysm.metrics_urls)
         before = snapshot(sysm)
         t0 = time.monotonic()
-        results = load(sysm.url + "/v1/vqa", forms, args.concurrency, timeout_s=300)
+        results = load(sysm.url + "/v1/vqa", jobs, args.concurrency, timeout_s=300, sources=sources)
         wall = time.monotonic() - t0
         after = snapshot(sysm)
+        cache = counted(sysm.metrics_urls) - cache0
     finally:
-        sysm.stop()
+        stop_all()
     summary = summarize(results, wall)
-    p = {**profile(before, after, int(summary["requests"]) - int(summary["failures"]), wall), "load": summary,
-         "image_mp": mean_megapixels(pairs), "images": args.images or "easy-VQA test split",
+    answers = sum(r.answers for r in results if r.status == 200)
+    p = {**profile(before, after, answers, wall), "load": summary,
+         "image_mp": mean_megapixels(workload.pictures), "images": args.images or "easy-VQA test split",
          "system": args.system, "workers": args.workers if args.system == "cluster" else 1,
-         "concurrency": args.concurrency}
-    command = " ".join(["python", "bench/breakdown.py"] + sys.argv[1:])
+         "concurrency": args.concurrency, "workload": workload.name, "cache_hits": int(cache.cache_hits),
+         "cache_misses": int(cache.cache_misses), "dedups": int(cache.dedups)}
+    command = " ".join(["python -m bench breakdown"] + sys.argv[1:])
     (out / "breakdown.json").write_text(json.dumps({**p, "command": command}, indent=2) + "\n")
     (out / "breakdown.md").write_text(markdown(p, command))
     print(markdown(p, command))

@@ -1,7 +1,7 @@
 """The chaos bench: the cluster on the demo model under closed-loop load while workers are killed and stalled,
 rolling reloads run, and reloads onto a broken model directory are attempted.
 
-    python bench/chaos.py --minutes M [--workers N] [--concurrency 50] [--seed S]
+    python -m bench chaos --minutes M [--workers N] [--concurrency 50] [--seed S]
 
 Events come one after another in random order (each round has one of each kind), a few seconds apart:
 - kill: SIGKILL a random worker; timed until HAProxy has its replacement UP (restart_p50_s is their median);
@@ -10,7 +10,9 @@ Events come one after another in random order (each round has one of each kind),
 - bad reload: `vqa-async cluster reload --model BROKEN` (a copy of the demo with corrupt weights), must exit 1.
 The last stdout line is JSON: {requests, failures, kills, stalls, reloads, failed_reloads, restart_p50_s, p99_ms,
 rss_growth_mb, ...}; rss_growth_mb is the cluster's total RSS (supervisor + HAProxy + workers) at the end minus
-after warm-up. No process is left behind.
+after warm-up. The load is the `distinct` workload (every upload new). The cluster's command is the launcher's
+(bench.lib.systems.command); this scenario holds the process itself, to check its exit status. No process is
+left behind.
 """
 
 from __future__ import annotations
@@ -29,19 +31,19 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from vqa_async.cluster.haproxy import RuntimeApi  # noqa: E402
-from vqa_async.cluster.supervisor import free_port_pair, serve_command  # noqa: E402
-from vqa_async.model.architecture import WEIGHTS_NAME  # noqa: E402
-from vqa_async.model.loader import DEMO_MODEL_DIR  # noqa: E402
-from vqa_async.tools.loadgen import Form, easy_vqa_requests, encode_forms, percentile  # noqa: E402
+from bench.lib.loadgen import Job, percentile
+from bench.lib.systems import ROOT, Setup, command
+from bench.lib.workloads import Workload
+from vqa_async.cluster.haproxy import RuntimeApi
+from vqa_async.cluster.supervisor import free_port_pair, serve_command
+from vqa_async.model.architecture import WEIGHTS_NAME
+from vqa_async.model.loader import DEMO_MODEL_DIR
 
 STALL_S = 10.0
 WARMUP_S = 10.0
@@ -69,10 +71,9 @@ class Chaos:
         return dict(json.loads((self.rdir / "state.json").read_text()))
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(serve_command() + [
-            "cluster", "--workers", str(self.args.workers), "--port", str(self.port), "--runtime-dir", str(self.rdir),
-            # The access log off: a line per request would bury the figures (its cost is not what this measures).
-            "--model", str(DEMO_MODEL_DIR), "--access-log", "off"])
+        # The launcher's command has the access log off: a line per request would bury the figures.
+        setup = Setup(model=str(DEMO_MODEL_DIR), workers=self.args.workers)
+        self.proc = subprocess.Popen(command("cluster", setup, self.port, [], self.rdir), cwd=ROOT, env=setup.env())
 
     async def wait_all_up(self, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -101,16 +102,14 @@ class Chaos:
         return total / 1024
 
     # -- load -----------------------------------------------------------------------------------------------------
-    async def load(self, forms: list[Form], stop: asyncio.Event) -> None:
+    async def load(self, jobs: Iterator[Job], stop: asyncio.Event) -> None:
         url = f"http://127.0.0.1:{self.port}/v1/vqa"
         connector = aiohttp.TCPConnector(limit=self.args.concurrency)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as s:
 
             async def client(k: int) -> None:
-                i = k
                 while not stop.is_set():
-                    form = forms[i % len(forms)]
-                    i += self.args.concurrency
+                    (form,) = next(jobs)
                     t0 = time.monotonic()
                     try:
                         async with s.post(url, data=form.body, headers={"Content-Type": form.content_type}) as r:
@@ -192,11 +191,11 @@ class Chaos:
                     return
                 await event()
 
-    async def run(self, forms: list[Form]) -> dict[str, Any]:
+    async def run(self, jobs: Iterator[Job]) -> dict[str, Any]:
         self.start()
         await self.wait_all_up(600)
         stop = asyncio.Event()
-        load = asyncio.create_task(self.load(forms, stop))
+        load = asyncio.create_task(self.load(jobs, stop))
         await asyncio.sleep(WARMUP_S)
         rss_start = self.rss_mb()
         start = time.monotonic()
@@ -232,7 +231,7 @@ class Chaos:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench chaos", description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=1.0)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=50)
@@ -240,9 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="vqa-chaos-") as tmp:
         chaos = Chaos(args, Path(tmp))
-        forms = encode_forms(easy_vqa_requests(1000))  # before the clock, and outside the event loop
         try:
-            result = asyncio.run(chaos.run(forms))
+            result = asyncio.run(chaos.run(Workload("distinct").endless()))
         finally:
             code = chaos.stop()
     result["cluster_exit"] = code

@@ -3,30 +3,27 @@
 momentum copies `*_m` and CLIP's text tower are in it), keys wrapped in `model` and prefixed `model.`.
 Random weights; for exercising `vqa-async convert` at full size where the real download is impossible.
 
-    python bench/modelscope_checkpoint.py --preset large DIR
+    python -m bench checkpoint --preset large DIR
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vqa_async.model.presets import PRESETS  # noqa: E402
+from vqa_async.model.presets import PRESETS
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=["base", "large"], default="large")
     ap.add_argument("dst")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from modelscope.models.multi_modal.mplug.modeling_mplug import MPlugConfig, MPlugForVisualQuestionAnswering
 
     dst = Path(args.dst)

@@ -1,6 +1,6 @@
 """Reference (ModelScope's beam search) against the fast decoder, on the same easy-VQA questions.
 
-    python bench/decoder.py [--model DIR] [--batch 16] [--n 200] [--device cpu] [--dtype auto] [--profile]
+    python -m bench decoder [--model DIR] [--batch 16] [--n 200] [--device cpu] [--dtype auto] [--profile]
 
 The image embeddings are computed once and shared; each decoder then answers every batch with
 `Answerer.answer_embedded` (text encoder + fusion + beam search: the part the decoder changes), the two decoders
@@ -61,7 +61,7 @@ class DecodeClock:
         return timed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="serving directory (default: the shipped demo model)")
     ap.add_argument("--batch", type=int, default=16)
@@ -72,7 +72,7 @@ def main() -> None:
                     help="the fast decoder's attention (auto: SDPA in fp32, the reference's op sequence in fp16/bf16)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables for one batch of each decoder")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -1,17 +1,17 @@
-"""Fairness between clients on one `serve`: a bulk client does not starve an interactive one.
+"""fairness: a bulk client beside a closed-loop light one on one `serve` (fair scheduling vs fifo).
 
-    python bench/fairness.py [--url URL] [--seconds S]
+    python -m bench fairness [--seconds 20] [--repeats 3] [--big-concurrency 64] [--settings fair,fifo]
+        [--serve-args "--torch-threads 1"] [--model DIR] [--out DIR]
 
 One "big" client at concurrency 64 sends 4-question requests; one "small" client at concurrency 1 sends single
-questions. Measured: the small client's P95 alone and shared, the big client's answers/s alone and shared, and the
-small client's P95 shared under `--scheduling fifo` (today's single queue). Targets: small P95 shared <= 2x alone;
-big answers/s shared >= 90 % of alone.
-
-Without --url it starts its own `serve` (fair, then fifo) with two API keys, and the clients are told apart by
-X-API-Key. With --url, pass --key-big/--key-small for a server with keys, or neither: the clients then send
-X-Forwarded-For (a server trusts that from loopback); --fifo-url measures the FIFO figure on a second server
-(else it is null). The last line is JSON. `--serve-args "--torch-threads 1 --preempt-share S"` sets how much of
-the model's time the small client's requests may take by preemption (0: none; the default is serve's, 0.5).
+questions; each from its own address (127.0.0.2 and 127.0.0.3: serve tells clients apart by address), every
+upload new (a unique trailer: no cache hit or per-batch dedup helps either). For each setting (`fair`: serve's
+default scheduling with its default --preempt-share; `fifo`: --scheduling fifo; `share0`: --preempt-share 0; or
+NAME=FLAGS) one serve is started, and each repeat measures, on every serve in turn: the small client alone, the
+big client alone, and both together. Reported per setting, as median [min–max] of the repeats: the small client's
+P95 alone and shared and their ratio (computed within each repeat), the big client's answers/s alone and shared
+and its share. Targets: issue 13, small P95 shared <= 2x alone and big >= 90 % of alone; issue 19, with default
+settings, small P95 shared <= 3x alone. The last stdout line is JSON: one row per setting.
 """
 
 from __future__ import annotations
@@ -19,173 +19,108 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
+import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import uvloop
 
-from vqa_async.cluster.supervisor import free_port
-from vqa_async.tools.loadgen import Form, easy_vqa_requests, percentile, wait_ready
+from bench.lib import report
+from bench.lib.loadgen import Result, percentile, run_load, summarize
+from bench.lib.systems import Setup, System, start, stop_all
+from bench.lib.workloads import Workload
+from bench.scenarios.many_people import SETTINGS, settings_from
 
 BIG_QUESTIONS = 4
+BIG, SMALL = "127.0.0.2", "127.0.0.3"
+WARMUP_S = 1.0
 
 
-async def _forms(n: int, questions: int) -> list[Form]:
-    pairs = easy_vqa_requests(n * questions)
-    out = []
-    for i in range(n):
-        form = aiohttp.FormData()
-        form.add_field("image", pairs[i * questions][0], filename="image.png", content_type="image/png")
-        for _, q in pairs[i * questions:(i + 1) * questions]:
-            form.add_field("question", q)
-        payload = form()
-        out.append(Form(await payload.as_bytes(), payload.content_type))
+async def _phase(url: str, clients: dict[str, tuple[Workload, int, str]], seconds: float) -> dict[str, list[Result]]:
+    start_at = time.monotonic() + WARMUP_S
+    until = start_at + seconds
+    names = list(clients)
+    got = await asyncio.gather(*(run_load(url + "/v1/vqa", w.endless(), c, timeout_s=120, sources=[addr],
+                                          until=until, drain_s=0.2) for w, c, addr in clients.values()))
+    # Only what was sent and answered inside the window counts.
+    return {n: [r for r in res if r.started >= start_at and r.done <= until] for n, res in zip(names, got)}
+
+
+def phase(url: str, clients: dict[str, tuple[Workload, int, str]], seconds: float) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, res in uvloop.run(_phase(url, clients, seconds)).items():
+        s = summarize(res, seconds)
+        s["p95_ms"] = percentile(sorted(r.latency_s * 1000 for r in res if r.status == 200), 95) if s[
+            "requests"] - s["failures"] else None
+        out[name] = s
     return out
 
 
-class Client:
-    def __init__(self, name: str, forms: list[Form], concurrency: int, headers: dict[str, str]) -> None:
-        self.name, self.forms, self.concurrency, self.headers = name, forms, concurrency, headers
-        self.latencies_ms: list[float] = []
-        self.answers = 0
-        self.errors: dict[int, int] = {}
-
-    async def run(self, session: aiohttp.ClientSession, url: str, start: float, end: float) -> None:
-        counter = iter(range(10**9))
-
-        async def one() -> None:
-            while time.monotonic() < end:
-                form = self.forms[next(counter) % len(self.forms)]
-                t0 = time.monotonic()
-                async with session.post(url + "/v1/vqa", data=form.body, headers={
-                        **self.headers, "Content-Type": form.content_type}) as r:
-                    body = await r.read()
-                done = time.monotonic()
-                if t0 < start or done > end:  # warm-up, or past the window: not counted
-                    continue
-                if r.status != 200:
-                    self.errors[r.status] = self.errors.get(r.status, 0) + 1
-                    continue
-                self.latencies_ms.append((done - t0) * 1000)
-                reply = json.loads(body)
-                self.answers += len(reply["answers"]) if "answers" in reply else 1
-
-        tasks = [asyncio.create_task(one()) for _ in range(self.concurrency)]
-        # What is still in flight at the end is not counted: cancel it rather than wait for the queue to drain.
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, end - time.monotonic()) + 0.2)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
-    def p95(self) -> float | None:
-        return percentile(sorted(self.latencies_ms), 95) if self.latencies_ms else None
+def measure(sysm: System, seconds: float, big_concurrency: int) -> dict[str, Any]:
+    big = (Workload("multi", k=BIG_QUESTIONS), big_concurrency, BIG)
+    small = (Workload("distinct"), 1, SMALL)
+    s_alone = phase(sysm.url, {"small": small}, seconds)["small"]
+    b_alone = phase(sysm.url, {"big": big}, seconds)["big"]
+    shared = phase(sysm.url, {"small": small, "big": big}, seconds)
+    row = {"small_p95_alone_ms": s_alone["p95_ms"], "small_p95_shared_ms": shared["small"]["p95_ms"],
+           "big_answers_per_s_alone": b_alone["answers_per_s"], "big_answers_per_s_shared": shared["big"][
+               "answers_per_s"], "failures": sum(p["failures"] for p in (s_alone, b_alone, *shared.values()))}
+    row["ratio"] = round(row["small_p95_shared_ms"] / row["small_p95_alone_ms"], 3) if row[
+        "small_p95_alone_ms"] and row["small_p95_shared_ms"] else None
+    row["big_share"] = round(row["big_answers_per_s_shared"] / row["big_answers_per_s_alone"], 3) if row[
+        "big_answers_per_s_alone"] else None
+    return row
 
 
-async def measure(url: str, clients: list[Client], seconds: float, warmup: float = 1.0) -> None:
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as s:
-        start = time.monotonic() + warmup
-        await asyncio.gather(*(c.run(s, url, start, start + seconds) for c in clients))
-
-
-def headers_for(name: str, key: str | None, index: int) -> dict[str, str]:
-    if key:
-        return {"X-API-Key": key}
-    return {"X-Forwarded-For": f"198.51.100.{index}"}  # told apart by address (trusted from loopback)
-
-
-def scenario(url: str, seconds: float, keys: dict[str, str | None], fifo_url: str | None,
-             forms: dict[str, list[Form]], big_concurrency: int) -> dict[str, Any]:
-    def big() -> Client:
-        return Client("big", forms["big"], big_concurrency, headers_for("big", keys["big"], 1))
-
-    def small() -> Client:
-        return Client("small", forms["small"], 1, headers_for("small", keys["small"], 2))
-
-    async def warm(target: str) -> None:  # the first model calls of a process are slow: keep them out
-        async with aiohttp.ClientSession() as session:
-            for form in forms["small"][:5] + forms["big"][:3]:
-                async with session.post(target + "/v1/vqa", data=form.body, headers={
-                        **headers_for("warm", keys["small"], 3), "Content-Type": form.content_type}) as r:
-                    await r.read()
-
-    for target in filter(None, (url, fifo_url)):
-        asyncio.run(warm(target))
-    out: dict[str, Any] = {}
-    s_alone = small()
-    asyncio.run(measure(url, [s_alone], seconds))
-    b_alone = big()
-    asyncio.run(measure(url, [b_alone], seconds))
-    s_shared, b_shared = small(), big()
-    asyncio.run(measure(url, [s_shared, b_shared], seconds))
-    for label, c in (("small alone", s_alone), ("big alone", b_alone), ("small shared", s_shared),
-                     ("big shared", b_shared)):
-        print(f"{label:13s} requests {len(c.latencies_ms):5d}  answers/s {c.answers / seconds:7.1f}  "
-              f"p95 {c.p95()} ms  errors {c.errors}", file=sys.stderr)
-    out.update(small_p95_alone_ms=s_alone.p95(), small_p95_shared_ms=s_shared.p95(),
-               big_answers_per_s_alone=round(b_alone.answers / seconds, 1),
-               big_answers_per_s_shared=round(b_shared.answers / seconds, 1), fifo_small_p95_shared_ms=None)
-    if fifo_url:
-        f_small, f_big = small(), big()
-        asyncio.run(measure(fifo_url, [f_small, f_big], seconds))
-        print(f"fifo shared: small p95 {f_small.p95()} ms, big answers/s {f_big.answers / seconds:.1f}",
-              file=sys.stderr)
-        out["fifo_small_p95_shared_ms"] = f_small.p95()
-    return out
-
-
-def start_serve(port: int, scheduling: str, keys_file: Path, extra: list[str]) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "vqa_async.cli", "serve", "--port", str(port), "--scheduling", scheduling,
-           "--api-keys", str(keys_file), "--access-log", "off", *extra]
-    return subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+def fold(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for setting in dict.fromkeys(r["setting"] for r in runs):
+        mine = [r for r in runs if r["setting"] == setting]
+        row: dict[str, Any] = {"setting": setting, "flags": mine[0]["flags"], "repeats": len(mine)}
+        for key in ("small_p95_alone_ms", "small_p95_shared_ms", "big_answers_per_s_alone",
+                    "big_answers_per_s_shared", "ratio", "big_share"):
+            vals = [r[key] for r in mine if r[key] is not None]
+            row[key] = round(statistics.median(vals), 3) if vals else None
+            row[f"{key}_spread"] = report.spread(vals)
+        row["failures"] = sum(r["failures"] for r in mine)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default=None, help="a running serve (default: start one, fair then fifo)")
-    p.add_argument("--fifo-url", default=None, help="with --url: a serve with --scheduling fifo")
-    p.add_argument("--key-big", default=None)
-    p.add_argument("--key-small", default=None)
+    p = argparse.ArgumentParser(prog="python -m bench fairness", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=20.0, help="measuring time of each phase")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--big-concurrency", type=int, default=64, help="the big client's concurrency (tests: less)")
-    # One torch thread: on a small shared CPU box torch's default threads spin against each other (a demo
-    # answer took 1 s instead of 60 ms at a load average of 8 on 2 cores).
+    p.add_argument("--settings", default="fair,fifo", help="fair, fifo, share0, or NAME=FLAGS")
+    # One torch thread: on a small shared CPU box torch's default threads spin against each other.
     p.add_argument("--serve-args", default="--torch-threads 1",
-                   help="options for the serve this starts (default: '--torch-threads 1'), e.g. '--device cuda'")
+                   help="options for every serve this starts (default: '--torch-threads 1'), e.g. '--device cuda'")
+    p.add_argument("--model", default=None)
+    p.add_argument("--out", default=None, help="also write DIR/fairness.json")
     args = p.parse_args(argv)
-    t0 = time.monotonic()
-    forms = {"big": asyncio.run(_forms(256, BIG_QUESTIONS)), "small": asyncio.run(_forms(64, 1))}
-    print(f"encoded the requests in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    if args.url:
-        result = scenario(args.url.rstrip("/"), args.seconds, {"big": args.key_big, "small": args.key_small},
-                          args.fifo_url, forms, args.big_concurrency)
-    else:
-        keys = {"big": "bench-big-" + os.urandom(8).hex(), "small": "bench-small-" + os.urandom(8).hex()}
-        with tempfile.TemporaryDirectory() as tmp:
-            keys_file = Path(tmp) / "keys"
-            keys_file.write_text("".join(f"{name}:{key}\n" for name, key in keys.items()))
-            urls, procs = {}, []
-            try:
-                for scheduling in ("fair", "fifo"):  # both start at once: loading the model is most of a tiny run
-                    port = free_port()
-                    procs.append(start_serve(port, scheduling, keys_file, args.serve_args.split()))
-                    urls[scheduling] = f"http://127.0.0.1:{port}"
-                for proc, url in zip(procs, urls.values()):
-                    wait_ready(url, proc)
-                # One server measured at a time; the other idles (on a shared box it still holds memory only).
-                result = scenario(urls["fair"], args.seconds, dict(keys), urls["fifo"], forms, args.big_concurrency)
-            finally:
-                for proc in procs:
-                    proc.terminate()
-                for proc in procs:
-                    proc.wait(timeout=60)
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()
+    settings = settings_from(args.settings, {"fair": [], **SETTINGS})
+    setup = Setup(model=args.model, serve_flags=args.serve_args.split())
+    runs: list[dict[str, Any]] = []
+    try:
+        up = {name: start("serve", setup, flags, label=f"serve {name}") for name, flags in settings.items()}
+        names = list(up)
+        for rep in range(args.repeats):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                row = measure(up[name], args.seconds, args.big_concurrency)
+                print(f"repeat {rep + 1} {name}: small p95 {row['small_p95_alone_ms']} -> {row['small_p95_shared_ms']}"
+                      f" ms ({row['ratio']}x), big {row['big_answers_per_s_alone']} -> "
+                      f"{row['big_answers_per_s_shared']} answers/s", file=sys.stderr, flush=True)
+                runs.append({"setting": name, "flags": " ".join(settings[name]), "repeat": rep, **row})
+    finally:
+        stop_all()
+    rows = fold(runs)
+    for r in rows:
+        print(f"{r['setting']:8s} small P95 shared/alone {report.text(r['ratio_spread'])}, big share "
+              f"{report.text(r['big_share_spread'])} (median [min–max] of {r['repeats']} repeats)", file=sys.stderr)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fairness.json").write_text(json.dumps({"rows": rows, "runs": runs}, indent=2) + "\n")
+    print(json.dumps(rows))

@@ -1,16 +1,16 @@
 """How low can the small client's P95 go? The fairness workload replayed on the measured batch cost, noise-free.
 
-    python bench/fairness_floor.py [--device cpu|cuda] [--seconds 20] [--overhead-ms 3]
+    python -m bench fairness-replay [--device cpu|cuda] [--seconds 20] [--overhead-ms 3]
 
-`bench/fairness.py` measures the real thing, but on a shared CPU box its figures swing 2x from run to run. This
+`python -m bench fairness` measures the real thing, but on a shared CPU box its figures swing 2x from run to run. This
 measures the demo model's batch cost curve on the device (the time of one model call against its questions and
 its distinct images; the minimum of several calls, so other processes' load drops out), then replays the same
 workload (one client at concurrency 64 with 4-question requests, one at concurrency 1 with single questions) on
 the real `BatchCollector` with a virtual clock: one model call at a time, no preemption, each call costing what
 the curve says; a client sends its next request `--overhead-ms` after an answer (HTTP and preprocessing), and
-that time is counted in its latency too. Each client cycles through as many images as fairness.py encodes (256
-and 64), so the vision encoder runs once per image (the image cache holds them all). The last line is JSON: the
-cost curve and one row per scheduler.
+that time is counted in its latency too. Every request is about a new image, as the fairness scenario sends
+them, so the vision encoder runs once per request. The last line is JSON: the cost curve and one row per
+scheduler.
 """
 
 from __future__ import annotations
@@ -26,22 +26,23 @@ from typing import Any
 
 import torch
 
+from bench.lib.loadgen import percentile
 from vqa_async.batching.collect import BatchCollector
 from vqa_async.batching.work import WorkItem
-from vqa_async.tools.loadgen import percentile
 
 BIG_CONCURRENCY, BIG_QUESTIONS = 64, 4
+NEW_EVERY_TIME = 10**9  # distinct images a client cycles through: every upload is new
 
 
 def cost_curve(device: str, max_size: int, passes: int) -> tuple[list[float], list[float]]:
     """(vision_ms[k] for k distinct images, decoder_ms[n] for n questions), index 0 unused. Every size is timed
     once per pass, the sizes in a new random order each pass, and the minimum kept: a burst of load from other
     processes lands on a few calls of different sizes, not on all calls of one size."""
+    from bench.lib.loadgen import easy_vqa_requests
     from vqa_async.model.answer import Answerer
     from vqa_async.model.loader import load_model
-    from vqa_async.tools.loadgen import easy_vqa_requests
 
-    torch.set_num_threads(1)  # as fairness.py's serve (--torch-threads 1)
+    torch.set_num_threads(1)  # as the fairness scenario's serve (--torch-threads 1)
     m = load_model(None, device=device)
     a = Answerer(m.model, m.tokenizer, m.device, m.dtype, decoder="fast")
     questions = [q for _, q in easy_vqa_requests(max_size)]
@@ -91,7 +92,7 @@ class Sim:
     async def run(self, clients: dict[str, tuple[int, int, int]], seconds: float, fair: bool, max_size: int,
                   shared_max_size: int = 0) -> dict[str, tuple[list[float], int]]:
         """clients: name -> (concurrency, questions per request, distinct images it cycles through, as
-        fairness.py's encoded forms). Returns name -> (latencies ms, answers)."""
+        the fairness scenario's uploads: every one new). Returns name -> (latencies ms, answers)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[WorkItem] = asyncio.Queue()
         collector = BatchCollector(queue, max_size, 0.0, clock=lambda: self.now, fair=fair)
@@ -137,12 +138,12 @@ class Sim:
 
 def scenario(vision: list[float], decoder: list[float], overhead_ms: float, seconds: float, max_size: int,
              fair: bool, shared: int) -> dict[str, Any]:
-    """The three phases of fairness.py on the replay: the small client alone, the big one alone, both."""
+    """The three phases of the fairness scenario on the replay: the small client alone, the big one alone, both."""
 
     def run(clients: dict[str, tuple[int, int, int]]) -> dict[str, tuple[list[float], int]]:
         return asyncio.run(Sim(vision, decoder, overhead_ms).run(clients, seconds, fair, max_size, shared))
 
-    small, big = ("small", (1, 1, 64)), ("big", (BIG_CONCURRENCY, BIG_QUESTIONS, 256))
+    small, big = ("small", (1, 1, NEW_EVERY_TIME)), ("big", (BIG_CONCURRENCY, BIG_QUESTIONS, NEW_EVERY_TIME))
     s_alone, b_alone, both = run(dict([small])), run(dict([big])), run(dict([small, big]))
     p95 = {k: percentile(sorted(v[0]), 95) for k, v in (("alone", s_alone["small"]), ("shared", both["small"]))}
     rate = {"alone": b_alone["big"][1] / seconds, "shared": both["big"][1] / seconds}

@@ -1,6 +1,6 @@
 """The CPU floor of the HTTP path alone: the server's own request parsing and JSON reply, with no model.
 
-    python bench/http_floor.py [--requests 3000] [--concurrency 32]
+    python -m bench http-floor [--requests 3000] [--concurrency 32]
 
 It starts one aiohttp process (uvloop) whose /v1/vqa reads the upload exactly as `vqa-async serve` does
 (`read_vqa_input`) and answers a constant, then drives it with the bench's load generator and prints the CPU
@@ -16,10 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SERVER = """
 import sys, orjson, uvloop
@@ -43,23 +39,24 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 """
 
 
-def main() -> None:
-    from breakdown import proc_cpu
-
+def main(argv: list[str] | None = None) -> None:
+    from bench.lib.loadgen import load, summarize, wait_ready
+    from bench.lib.workloads import Workload, forms_of
+    from bench.scenarios.breakdown import proc_cpu
     from vqa_async.cluster.supervisor import free_port
-    from vqa_async.tools.loadgen import easy_vqa_requests, encode_forms, load, summarize, wait_ready
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=32)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], start_new_session=True)
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc)
-        forms = encode_forms(easy_vqa_requests(args.requests))
+        workload = Workload("distinct")
+        forms = forms_of(workload.jobs(args.requests))
         url = f"http://127.0.0.1:{port}/v1/vqa"
-        load(url, forms[:200], args.concurrency)
+        load(url, workload.jobs(200), args.concurrency)
         server_before = proc_cpu(proc.pid)
         t = os.times()
         t0 = time.monotonic()

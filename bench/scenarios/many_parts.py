@@ -1,6 +1,6 @@
 """How long `serve` takes to refuse a 9 MiB form of 160,000 empty parts, and how slow /healthz gets meanwhile.
 
-    python bench/many_parts.py [--model DIR]
+    python -m bench many-parts [--model DIR]
 
 Before the part bound (issue 11) the refusal took 22 s and /healthz up to 6.3 s. Prints one JSON line.
 """
@@ -11,14 +11,11 @@ import argparse
 import asyncio
 import io
 import json
-import subprocess
-import sys
 import time
 
 import aiohttp
 
-from vqa_async.cluster.supervisor import free_port
-from vqa_async.tools.loadgen import wait_ready
+from bench.lib.systems import Setup, start, stop_all
 
 
 async def measure(url: str, parts: int) -> dict[str, float | int | str]:
@@ -51,21 +48,16 @@ async def measure(url: str, parts: int) -> dict[str, float | int | str]:
             "healthz_polls": len(health_ms)}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench many-parts", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--parts", type=int, default=160_000)
-    args = p.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "vqa_async.cli", "serve", "--port", str(port)]
-    proc = subprocess.Popen(cmd + (["--model", args.model] if args.model else []), stderr=subprocess.DEVNULL)
+    args = p.parse_args(argv)
     try:
-        wait_ready(url, proc)
-        print(json.dumps(asyncio.run(measure(url, args.parts))))
+        sysm = start("serve", Setup(model=args.model))
+        print(json.dumps(asyncio.run(measure(sysm.url, args.parts))))
     finally:
-        proc.kill()
-        proc.wait()
+        stop_all()
 
 
 if __name__ == "__main__":

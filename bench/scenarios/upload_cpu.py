@@ -1,7 +1,7 @@
 """CPU per image from upload bytes to the model's input tensor, exact (every pixel decoded, as ModelScope does)
 vs fast (the server's default: JPEG decoded at the smallest DCT scale >= the input size), one core.
 
-    python bench/photo_decode.py [--res 504] [--repeat 5]
+    python -m bench upload-cpu [--res 504] [--repeat 5]
 
 Prints one line per photo size (the median over the photos of that size of each one's best of `--repeat`
 thread-CPU times) and a JSON line last. The issue's targets at 504 px: 12 MP <= 40 ms, 2 MP <= 10 ms (fast).
@@ -12,18 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-from photos import build  # noqa: E402
-
-from vqa_async.model.preprocess import UploadPixels  # noqa: E402
+from bench.lib.photos import build
+from vqa_async.model.preprocess import UploadPixels
 
 TARGETS_MS = {"12mp": 40.0, "2mp": 10.0}
 
@@ -41,11 +36,11 @@ def cpu_ms(up: UploadPixels, data: bytes, repeat: int) -> float:
     return best
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--res", type=int, default=504)
     ap.add_argument("--repeat", type=int, default=5)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     paths = {"exact": UploadPixels(args.res, 10**8, exact=True), "fast": UploadPixels(args.res, 10**8)}
     by_size: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
