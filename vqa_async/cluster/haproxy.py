@@ -18,6 +18,7 @@ import jinja2
 
 from vqa_async.cluster.backends import DnsBackends
 from vqa_async.cluster.children import start_child
+from vqa_async.http import tls_profile
 from vqa_async.http.errors import error_body
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,15 @@ RETRYABLE_BODY_BYTES = 1 << 20
 MAXREWRITE = 8192  # buffer room HAProxy keeps for rewriting headers
 HEADERS_ROOM = 16384  # the request's own headers, beside the body
 RATE_WINDOW_S = 10
+
+
+@dataclass(frozen=True)
+class TlsProfile:
+    """What the front's TLS offers: vqa_async/http/tls_profile.py, shared with `serve --tls-cert`."""
+
+    ciphers: str = tls_profile.CIPHERS
+    ciphersuites: str = tls_profile.CIPHERSUITES
+    min_version: str = tls_profile.MIN_VERSION
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,8 @@ def render(servers: list[Server], *, host: str, port: int, stats_host: str, stat
         rate_window_s=RATE_WINDOW_S, max_requests_per_window=int(rate_limit_per_source * RATE_WINDOW_S),
         errors=[(status, edge_error_body(status, code, message), retry_after)
                 for status, code, message, retry_after in EDGE_ERRORS],
-        tls_pem=tls_pem, max_requests_per_client=max(1, round(rate_limit * RATE_WINDOW_S)) if rate_limit else 0)
+        tls_pem=tls_pem, tls=TlsProfile(),
+        max_requests_per_client=max(1, round(rate_limit * RATE_WINDOW_S)) if rate_limit else 0)
 
 
 # HAProxy answers these before its `http-request` rules ran (a malformed or too slow request): the request's id

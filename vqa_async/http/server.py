@@ -22,6 +22,7 @@ from aiohttp.web_protocol import RequestHandler
 from vqa_async.config import Settings
 from vqa_async.http.errors import error_body
 from vqa_async.http.keys import SERVICE
+from vqa_async.http.tls_profile import server_context
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """HTTPS for `serve --tls-cert --tls-key` (the cluster terminates TLS at HAProxy instead)."""
     if not settings.tls_cert or not settings.tls_key:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-    ctx.set_alpn_protocols(["http/1.1"])  # aiohttp speaks HTTP/1.1 only
-    return ctx
+    # Mozilla's intermediate profile, as at the cluster's front; ALPN: aiohttp speaks HTTP/1.1 only.
+    return server_context(settings.tls_cert, settings.tls_key, ["http/1.1"])
 
 
 def run(app: web.Application, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
