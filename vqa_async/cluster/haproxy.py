@@ -42,6 +42,11 @@ RETRYABLE_BODY_BYTES = 1 << 20
 MAXREWRITE = 8192  # buffer room HAProxy keeps for rewriting headers
 HEADERS_ROOM = 16384  # the request's own headers, beside the body
 RATE_WINDOW_S = 10
+# Follow-ups by image id stick to the worker that answered about the image (the template's stick table): how many
+# images it remembers, and for how long after the last answer about each.
+IMAGE_TABLE_SIZE = 100_000
+IMAGE_TABLE_EXPIRE_S = 3600
+IMAGE_ID_BODY_LIMIT = 65536  # bodies searched for an image_id: a follow-up's, not an upload's
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,8 @@ def render(servers: list[Server], *, host: str, port: int, stats_host: str, stat
         rate_window_s=RATE_WINDOW_S, max_requests_per_window=int(rate_limit_per_source * RATE_WINDOW_S),
         errors=[(status, edge_error_body(status, code, message), retry_after)
                 for status, code, message, retry_after in EDGE_ERRORS],
-        tls_pem=tls_pem, tls=TlsProfile(),
+        tls_pem=tls_pem, tls=TlsProfile(), image_table_size=IMAGE_TABLE_SIZE,
+        image_table_expire_s=IMAGE_TABLE_EXPIRE_S, image_id_body_limit=IMAGE_ID_BODY_LIMIT,
         max_requests_per_client=max(1, round(rate_limit * RATE_WINDOW_S)) if rate_limit else 0)
 
 
