@@ -6,14 +6,17 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
-from vqa_async.batching.cache import ImageEmbeddingCache
 from vqa_async.batching.collect import BatchCollector
-from vqa_async.batching.executor import ItemFailed, ModelExecutor
+from vqa_async.batching.preemption import Preemption
+from vqa_async.batching.runner import BatchRunner, ItemFailed
 from vqa_async.batching.work import WorkItem
+from vqa_async.core.adapter import VqaAdapter, VqaPayload
+from vqa_async.core.cache import ImageEmbeddingCache
 from vqa_async.metrics import Metrics
 from vqa_async.model.answer import Answered
 from vqa_async.model.preprocess import EncodedQuestions
@@ -22,8 +25,8 @@ from vqa_async.model.preprocess import EncodedQuestions
 def make_item(loop: asyncio.AbstractEventLoop, size: int = 1, key: str = "img", token: int = 1000,
               deadline_in: float = 60.0, client: str = "", weight: int = 1) -> WorkItem:
     ids = torch.full((size, 25), token)
-    return WorkItem(key, torch.zeros(3, 4, 4), ids, torch.ones(size, 25, dtype=torch.long), loop.create_future(),
-                    time.monotonic() + deadline_in, client=client, weight=weight)
+    payload = VqaPayload(key, torch.zeros(3, 4, 4), ids, torch.ones(size, 25, dtype=torch.long))
+    return WorkItem(payload, size, loop.create_future(), time.monotonic() + deadline_in, client=client, weight=weight)
 
 
 @pytest.mark.parametrize("max_size", [1, 3, 8])
@@ -325,9 +328,10 @@ class EchoAnswerer:
         return [Answered(str(int(t)), [int(t)]) for t in q.input_ids[:, 0]]
 
 
-def executor_with(answerer: EchoAnswerer, max_batch: int = 8) -> ModelExecutor:
-    ex = ModelExecutor(Metrics(), max_batch, ImageEmbeddingCache(16, 2**20))
-    ex.answerer = answerer  # type: ignore[assignment]
+def executor_with(answerer: EchoAnswerer, max_batch: int = 8, **kw: Any) -> BatchRunner[VqaPayload]:
+    """The batching runtime with the VQA adapter over a fake answerer."""
+    ex: BatchRunner[VqaPayload] = BatchRunner(Metrics(), max_batch, **kw)
+    ex.adapter = VqaAdapter(answerer, ImageEmbeddingCache(16, 2**20), ex.metrics, (torch.zeros(3, 4, 4), None))  # type: ignore[arg-type]
     return ex
 
 
@@ -338,7 +342,7 @@ async def test_every_future_gets_its_own_answer_and_shared_images_encode_once() 
     items = [make_item(loop, 2, key="a", token=1001), make_item(loop, 1, key="b", token=1002),
              make_item(loop, 1, key="a", token=1003)]
     await ex.run(loop, items)
-    assert [[a.text for a in it.future.result()] for it in items] == [["1001", "1001"], ["1002"], ["1003"]]
+    assert [[a.text for a in it.future.result().result] for it in items] == [["1001", "1001"], ["1002"], ["1003"]]
     assert ans.encoded == [2]  # two distinct images, one vision pass
     await ex.run(loop, [make_item(loop, 1, key="a", token=1004)])
     assert ans.encoded == [2]  # cached
@@ -351,7 +355,7 @@ async def test_a_failing_request_fails_alone() -> None:
     items = [make_item(loop, token=1000 + i) for i in range(5)] + [make_item(loop, token=1666)]
     await ex.run(loop, items)
     for it in items[:5]:
-        assert it.future.result()[0].text == str(int(it.input_ids[0, 0]))
+        assert it.future.result().result[0].text == str(int(it.payload.input_ids[0, 0]))
     with pytest.raises(ItemFailed) as e:
         items[5].future.result()
     assert e.value.error_id
@@ -364,7 +368,7 @@ async def test_out_of_memory_splits_and_lowers_the_cap() -> None:
     ex = executor_with(ans, max_batch=8)
     items = [make_item(loop, token=1000 + i) for i in range(8)]
     await ex.run(loop, items)
-    assert all(it.future.result()[0].text == str(1000 + i) for i, it in enumerate(items))
+    assert all(it.future.result().result[0].text == str(1000 + i) for i, it in enumerate(items))
     assert ex.cap <= 4
     ex.shutdown()
 
@@ -414,7 +418,7 @@ async def test_a_request_larger_than_the_lowered_cap_is_answered_in_slices() -> 
     ex = executor_with(ans, max_batch=8)
     big = make_item(loop, 8, token=1007)
     await ex.run(loop, [big])
-    assert [a.text for a in big.future.result()] == ["1007"] * 8
+    assert [a.text for a in big.future.result().result] == ["1007"] * 8
     assert ans.calls == [8, 4, 2, 2, 2, 2]  # halved until the slices fit
     assert ex.failures_in_a_row == 0
     ex.shutdown()
@@ -462,7 +466,7 @@ async def test_out_of_memory_retries_after_the_failed_call_is_freed() -> None:
     ex = executor_with(ans, max_batch=8)
     items = [make_item(loop, token=1000 + i) for i in range(4)]
     await ex.run(loop, items)
-    assert all(it.future.result()[0].text == str(1000 + i) for i, it in enumerate(items))
+    assert all(it.future.result().result[0].text == str(1000 + i) for i, it in enumerate(items))
     assert len(ans.alive_at_retry) > 1 and set(ans.alive_at_retry) == {0}
     ex.shutdown()
 
@@ -492,8 +496,7 @@ async def test_a_retry_skips_requests_whose_deadline_passed_meanwhile() -> None:
 async def test_failures_in_a_row_make_it_sick_and_a_success_heals() -> None:
     loop = asyncio.get_running_loop()
     ans = EchoAnswerer(fail_token=1666)
-    ex = ModelExecutor(Metrics(), 8, ImageEmbeddingCache(16, 2**20), sick_after_failures=3)
-    ex.answerer = ans  # type: ignore[assignment]
+    ex = executor_with(ans, 8, sick_after_failures=3)
     for _ in range(3):
         await ex.run(loop, [make_item(loop, token=1666)])
     assert ex.sick
@@ -505,7 +508,7 @@ async def test_failures_in_a_row_make_it_sick_and_a_success_heals() -> None:
 async def test_a_batch_where_every_request_fails_is_the_models_fault() -> None:
     """A model that fails everything (a lasting CUDA error) must not answer 500 for requests another process
     could answer: they get ModelFailing (a retryable 503), while a lone bad request still gets ItemFailed."""
-    from vqa_async.batching.executor import ModelFailing
+    from vqa_async.batching.runner import ModelFailing
 
     loop = asyncio.get_running_loop()
     ex = executor_with(EchoAnswerer(fail_token=1666))
@@ -521,7 +524,7 @@ async def test_a_batch_where_every_request_fails_is_the_models_fault() -> None:
     with pytest.raises(ItemFailed) as e:
         mixed[0].future.result()
     assert not isinstance(e.value, ModelFailing)
-    assert mixed[1].future.result()[0].text == "1001"
+    assert mixed[1].future.result().result[0].text == "1001"
     ex.shutdown()
 
 
@@ -554,13 +557,13 @@ class SteppingAnswerer(EchoAnswerer):
         return super().answer_embedded(embeds, q)
 
 
-async def run_preempted(ex: ModelExecutor, ans: SteppingAnswerer, bulk: list[WorkItem],
+async def run_preempted(ex: BatchRunner[VqaPayload], ans: SteppingAnswerer, bulk: list[WorkItem],
                         urgent: list[WorkItem]) -> None:
     """Runs `bulk`, handing `urgent` over while its first step waits."""
     loop = asyncio.get_running_loop()
     run = asyncio.ensure_future(ex.run(loop, bulk))
     await loop.run_in_executor(None, ans.first_step.wait, 10)
-    ex.preempt(urgent)
+    ex.preemption.hand_over(urgent)
     ans.release.set()
     await run
 
@@ -579,7 +582,8 @@ async def test_a_preempting_batch_is_answered_between_the_steps_of_the_running_o
     await asyncio.sleep(0)  # the futures' callbacks
     assert settled == ["small", "bulk"]  # answered inside the bulk batch, not after it
     assert ans.order == ["1000:0", "2000:0", "2000:1", "2000:2", "1000:1", "1000:2"]
-    assert [a.text for a in bulk[0].future.result()] == ["1000"] * 4 and small[0].future.result()[0].text == "2000"
+    assert [a.text for a in bulk[0].future.result().result] == ["1000"] * 4
+    assert small[0].future.result().result[0].text == "2000"
     m = ex.metrics.registry
     assert m.get_sample_value("vqa_preemptions_total") == 1
     # The stage time counts the small batch's, run inside the bulk one's, once: not twice (that would add
@@ -587,7 +591,7 @@ async def test_a_preempting_batch_is_answered_between_the_steps_of_the_running_o
     own = ans.own_s
     decoder_s = m.get_sample_value("vqa_stage_seconds_total", {"stage": "decoder"})
     assert decoder_s == pytest.approx(own["1000"] + own["2000"], abs=own["2000"] / 2)
-    assert ex.take_unstarted() == []
+    assert ex.preemption.take_unstarted() == []
     ex.shutdown()
 
 
@@ -601,12 +605,13 @@ async def test_requests_handed_over_before_a_boundary_are_answered_in_one_call()
     one, two = make_item(loop, 1, token=2000, key="a", client="a"), make_item(loop, 2, token=3000, key="b", client="b")
     run = asyncio.ensure_future(ex.run(loop, bulk))
     await loop.run_in_executor(None, ans.first_step.wait, 10)
-    ex.preempt([one])
-    ex.preempt([two])
+    ex.preemption.hand_over([one])
+    ex.preemption.hand_over([two])
     ans.release.set()
     await run
     assert ans.calls == [3, 4]  # one call for both newcomers' three questions, then the rest of the bulk batch
-    assert [a.text for a in one.future.result()] == ["2000"] and [a.text for a in two.future.result()] == ["3000"] * 2
+    assert [a.text for a in one.future.result().result] == ["2000"]
+    assert [a.text for a in two.future.result().result] == ["3000"] * 2
     assert ex.metrics.registry.get_sample_value("vqa_preemptions_total") == 1
     ex.shutdown()
 
@@ -621,18 +626,18 @@ async def test_a_preempting_batch_that_fails_fails_alone_and_late_ones_are_hande
     await run_preempted(ex, ans, bulk, poison)
     with pytest.raises(ItemFailed):
         poison[0].future.result()
-    assert bulk[0].future.result()[0].text == "1000"
+    assert bulk[0].future.result().result[0].text == "1000"
     late = [make_item(loop, 1, client="late")]
-    ex.preempt(late)  # handed over as the batch ended: nobody ran it, the batcher gets it back
-    assert ex.take_unstarted() == [late]
+    ex.preemption.hand_over(late)  # handed over as the batch ended: nobody ran it, the batcher gets it back
+    assert ex.preemption.take_unstarted() == [late]
     ex.shutdown()
 
 
 async def test_shutdown_answers_what_is_queued_held_or_handed_over() -> None:
     """Requests the collector held between batches, or handed over for preemption and not started, used to be
     left unanswered by `stop` (it emptied only the queue)."""
-    from vqa_async.batching.service import NotReady, VqaService
     from vqa_async.config import Settings
+    from vqa_async.core.service import NotReady, VqaService
 
     loop = asyncio.get_running_loop()
     service = VqaService(Settings(device="cpu"), Metrics())
@@ -640,7 +645,7 @@ async def test_shutdown_answers_what_is_queued_held_or_handed_over() -> None:
     service.queue.put_nowait(held)
     service.collector._drain()  # taken from the queue, held in its client's line
     service.queue.put_nowait(queued)
-    service.executor.preempt([handed])
+    service.runner.preemption.hand_over([handed])
     await service.stop()
     for item in (queued, held, handed):
         with pytest.raises(NotReady):
@@ -648,12 +653,11 @@ async def test_shutdown_answers_what_is_queued_held_or_handed_over() -> None:
 
 
 def test_preemption_budget_is_a_share_of_the_models_time() -> None:
-    ex = ModelExecutor(Metrics(), 8, ImageEmbeddingCache(16, 2**20), preempt_share=0.25)
-    assert ex.may_preempt()  # a full bucket: a quarter of a second
-    ex._budget(0.5)  # a preempting call took half a second
-    assert not ex.may_preempt()
-    ex._budget_at -= 0.9  # 0.9 s later: 0.25 - 0.5 + 0.225 < 0, still spent
-    assert not ex.may_preempt()
-    ex._budget_at -= 10.0  # the bucket fills up to its size, not beyond
-    assert ex.may_preempt() and ex._budget(0.0) == pytest.approx(0.25)
-    ex.shutdown()
+    p = Preemption(0.25, Metrics(), lambda batch: None, lambda: 8)
+    assert p.may()  # a full bucket: a quarter of a second
+    p.budget.take(0.5)  # a preempting call took half a second
+    assert not p.may()
+    p.budget._at -= 0.9  # 0.9 s later: 0.25 - 0.5 + 0.225 < 0, still spent
+    assert not p.may()
+    p.budget._at -= 10.0  # the bucket fills up to its size, not beyond
+    assert p.may() and p.budget.take(0.0) == pytest.approx(0.25)

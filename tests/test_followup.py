@@ -18,8 +18,9 @@ from aiohttp.test_utils import TestClient
 from fakes import FaultyAnswerer
 
 from vqa_async.app import init_app
-from vqa_async.batching.work import ImageNotCached, WorkItem
+from vqa_async.batching.work import WorkItem
 from vqa_async.config import Settings
+from vqa_async.core.adapter import ImageNotCached, VqaPayload
 from vqa_async.http.keys import METRICS, SERVICE
 from vqa_async.model.preprocess import UploadPixels
 
@@ -138,9 +139,9 @@ async def test_evicted_after_admission_fails_that_request_alone_with_409(make_cl
     service = app_of(client)[SERVICE]
     image = easy_vqa_images[0].read_bytes()
     image_id = (await (await client.post("/v1/vqa", data=form(image))).json())["image_id"]
-    assert service.executor.answerer is not None
-    faulty = FaultyAnswerer(service.executor.answerer)
-    service.executor.answerer = faulty  # type: ignore[assignment]
+    assert service.runner.adapter.answerer is not None
+    faulty = FaultyAnswerer(service.runner.adapter.answerer)
+    service.runner.adapter.answerer = faulty  # type: ignore[assignment]
     faulty.gate = gate = threading.Event()  # the next model call waits here
     blocker = asyncio.ensure_future(client.post("/v1/vqa", data=form(easy_vqa_images[1].read_bytes())))
     while not faulty.batches:  # the model thread is inside the blocker's call
@@ -156,7 +157,7 @@ async def test_evicted_after_admission_fails_that_request_alone_with_409(make_cl
     resp = await follow_up
     assert resp.status == 409, await resp.text()
     assert (await resp.json())["error"]["code"] == "image_not_cached"
-    assert service.executor.failures_in_a_row == 0  # not the model's fault
+    assert service.runner.failures_in_a_row == 0  # not the model's fault
     again = await client.post("/v1/vqa", data=form(image))  # the client sends the image again
     assert again.status == 200
 
@@ -174,18 +175,18 @@ async def test_a_batch_answers_the_follow_ups_its_uploads_bring_and_fails_the_re
     key = hashlib.sha256(image).hexdigest()
     loop = asyncio.get_running_loop()
 
-    def item(pixels: Any, image_key: str) -> WorkItem:
+    def item(pixels: Any, image_key: str) -> WorkItem[VqaPayload]:
         q = loaded.tokenizer.encode([QUESTION])
-        return WorkItem(image_key, pixels, q.input_ids, q.attention_mask, loop.create_future(),
+        return WorkItem(VqaPayload(image_key, pixels, q.input_ids, q.attention_mask), 1, loop.create_future(),
                         time.monotonic() + 30)
 
     follow_up = item(None, key)  # before its upload in the batch, on purpose
     upload_item = item(upload.pixels(upload.decode(image)), key)
     stranger = item(None, "cd" * 32)
     misses = metric(client, "vqa_image_cache_misses_total")
-    await service.executor.run(loop, [follow_up, upload_item, stranger])
+    await service.runner.run(loop, [follow_up, upload_item, stranger])
     await asyncio.sleep(0)  # the settlements are scheduled on this loop
-    assert follow_up.future.result()[0].text == upload_item.future.result()[0].text
+    assert follow_up.future.result().result[0].text == upload_item.future.result().result[0].text
     assert isinstance(stranger.future.exception(), ImageNotCached)
     assert metric(client, "vqa_image_cache_misses_total") == misses + 1  # one vision pass for the two
     assert service.cache.holds(key)

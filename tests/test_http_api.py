@@ -231,7 +231,7 @@ async def test_unknown_route_and_method_are_json(client: TestClient[Any, Any]) -
 def inject(client: TestClient[Any, Any], **kw: Any) -> FaultyAnswerer:
     app = client.server.app
     assert app is not None
-    ex = app[SERVICE].executor
+    ex = app[SERVICE].runner.adapter
     assert ex.answerer is not None
     faulty = FaultyAnswerer(ex.answerer, **kw)
     ex.answerer = faulty  # type: ignore[assignment]
@@ -446,9 +446,9 @@ async def test_a_sick_model_is_not_ready_and_a_probe_brings_it_back(make_client:
     client = await make_client(sick_after_failures=3)
     app = client.server.app
     assert app is not None
-    poison_all = FaultyAnswerer(app[SERVICE].executor.answerer, poison_token=101)  # [CLS] is in every question
-    real = app[SERVICE].executor.answerer
-    app[SERVICE].executor.answerer = poison_all  # type: ignore[assignment]
+    poison_all = FaultyAnswerer(app[SERVICE].runner.adapter.answerer, poison_token=101)  # [CLS] is in every question
+    real = app[SERVICE].runner.adapter.answerer
+    app[SERVICE].runner.adapter.answerer = poison_all  # type: ignore[assignment]
     img = png(easy_vqa_images[0])
     for _ in range(3):
         assert (await client.post("/v1/vqa", data=form(img, "what color is the shape?"))).status == 500
@@ -457,7 +457,7 @@ async def test_a_sick_model_is_not_ready_and_a_probe_brings_it_back(make_client:
     refused = await client.post("/v1/vqa", data=form(img, "what color is the shape?"))
     assert refused.status == 503 and (await refused.json())["error"]["code"] == "not_ready"
     assert (await client.get("/healthz")).status == 200  # alive: a supervisor decides on restarts
-    app[SERVICE].executor.answerer = real  # the fault goes away: the next probe sees it
+    app[SERVICE].runner.adapter.answerer = real  # the fault goes away: the next probe sees it
     for _ in range(100):
         if (await client.get("/readyz")).status == 200:
             break

@@ -370,6 +370,22 @@ async def test_serve_answers_an_image_url_as_it_answers_the_upload(serve: str, o
         assert (status, body["error"]["code"]) == (400, "invalid_field")
 
 
+async def test_serve_fetches_an_image_url_part_of_a_chat_completion(serve: str, origin: Origin,
+                                                                     elsewhere: Origin) -> None:
+    def chat(url: str) -> dict[str, Any]:
+        return {"model": "demo", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": url}}]}]}
+
+    async with aiohttp.ClientSession() as s:
+        status, uploaded = await _ask(s, serve, image=base64.b64encode(origin.image).decode())
+        async with s.post(serve + "/v1/chat/completions", json=chat(origin.url("/image"))) as r:
+            assert r.status == 200
+            assert (await r.json())["choices"][0]["message"]["content"] == uploaded["answer"]
+        async with s.post(serve + "/v1/chat/completions", json=chat(elsewhere.url("/image"))) as r:
+            assert (r.status, (await r.json())["error"]["code"]) == (400, "image_url_not_allowed")
+    assert origin.hits["/image"] == 1 and elsewhere.total == 0
+
+
 async def test_serve_applies_the_pixel_cap_to_a_fetched_image(serve: str, origin: Origin) -> None:
     from PIL import Image
 

@@ -209,7 +209,7 @@ async def test_quota_past_max_inflight_per_client_is_429_and_others_are_served(
     client = await make_client(api_keys=str(keys_file), max_inflight_per_client=1)
     app = client.server.app
     assert app is not None
-    ex = app[SERVICE].executor
+    ex = app[SERVICE].runner.adapter
     faulty = FaultyAnswerer(ex.answerer)  # type: ignore[arg-type]
     ex.answerer = faulty  # type: ignore[assignment]
     faulty.gate = threading.Event()  # the model thread holds alice's first request

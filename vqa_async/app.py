@@ -11,7 +11,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from vqa_async.batching.service import VqaService
+from vqa_async.core.service import VqaService
 from vqa_async.config import Settings
 from vqa_async.http import handlers, openai_api, page
 from vqa_async.http.accesslog import AccessLog

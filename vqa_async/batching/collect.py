@@ -25,7 +25,7 @@ class BatchCollector:
     every request in one line) batches are exactly those of a FIFO queue.
 
     While a batch runs, `newcomers` takes the requests of light clients (all they have queued fits in one round)
-    that have nothing in it, for the executor to answer inside that batch (see `ModelExecutor.preempt`), but only
+    that have nothing in it, for the model thread to answer inside that batch (see `preemption.py`), but only
     while some client holds more than its fair share of that batch (`over_share`): a light client is protected
     from a bulk one, and many people asking one question each (where nobody holds more than a round) are never
     split into calls of their own, which would cost each of them several batched questions' model time. A bulk

@@ -1,49 +1,39 @@
-"""A request on its way to the model."""
+"""A request on its way to the model, as the batching runtime sees it: a payload it never looks into."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
-import torch
+P = TypeVar("P")
+R = TypeVar("R")
 
-from vqa_async.model.answer import Answered
 
+@dataclass(frozen=True)
+class Done(Generic[R]):
+    """What a request's future gets: its result, and the timings of the model call that answered it."""
 
-class ImageNotCached(Exception):
-    """A follow-up named its image by id, and this process does not hold its embedding (never seen, evicted, or
-    restarted since): the client must send the image again."""
-
-    def __init__(self, image_id: str) -> None:
-        super().__init__(f"image {image_id} is not cached here")
-        self.image_id = image_id
+    result: R
+    started_at: float  # time.monotonic() when its model call began
+    compute_s: float  # that call's time, less the time it spent paused for preempting calls
+    batch_size: int  # the size (questions, for VQA) of that call
 
 
 @dataclass(eq=False)
-class WorkItem:
-    """One request: one image and its questions. `future` gets one Answered per question."""
+class WorkItem(Generic[P]):
+    """One request: a payload for the adapter, its size in the adapter's units (a batch holds at most
+    `max_batch_size` of them), the future its `Done` goes to, and who asked."""
 
-    image_key: str  # sha256 of the uploaded bytes: equal images share a vision-encoder pass and the cache
-    # (3, R, R) uint8, resized off the event loop; normalized per batch on the device. None for a follow-up that
-    # names its image by `image_key` alone: its embedding must come from the cache (or an upload in its batch).
-    pixels: torch.Tensor | None
-    input_ids: torch.Tensor  # (Q, 25)
-    attention_mask: torch.Tensor  # (Q, 25)
-    future: asyncio.Future[list[Answered]]
+    payload: P
+    size: int
+    future: asyncio.Future[Done[Any]]
     deadline: float  # time.monotonic() after which nobody waits for the answer
     enqueued_at: float = field(default_factory=time.monotonic)
     # Who asked (an API key's name, or an address): the collector shares each batch among clients.
     client: str = ""
     weight: int = 1  # the client's share: up to `weight` requests per round of a batch
-    # Filled in by the executor thread, for the response's timings.
-    started_at: float = 0.0
-    compute_s: float = 0.0
-    batch_size: int = 0
-
-    @property
-    def size(self) -> int:
-        return int(self.input_ids.shape[0])
 
     def is_dead(self, now: float) -> str | None:
         """Why this item should not reach the model, if it should not."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from vqa_async.batching.service import Outcome
+from vqa_async.core.service import Outcome
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from vqa_async.batching.service import VqaService
+from vqa_async.core.service import VqaService
 from vqa_async.config import Settings
 from vqa_async.http.accesslog import AccessLog
 from vqa_async.http.auth import Auth

@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from vqa_async.batching.service import Outcome
+from vqa_async.core.service import Outcome
 from vqa_async.http.context import REQUEST_ID, TRACEPARENT
 from vqa_async.http.errors import ApiError, json_response
 from vqa_async.http.handlers import ask

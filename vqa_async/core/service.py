@@ -1,6 +1,7 @@
-"""The request path below HTTP: preprocess off the loop, queue, batch, answer.
+"""The application core: the request path below HTTP. Admission, readiness, and ask().
 
-    ask() -> preprocess (thread pool) -> queue -> BatchCollector -> ModelExecutor (model thread) -> future
+    ask() -> preprocess (thread pool) -> queue -> BatchCollector -> BatchRunner (model thread) -> VqaAdapter
+          <- future (Done: answers and timings)
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from vqa_async.batching.cache import ImageEmbeddingCache
 from vqa_async.batching.collect import BatchCollector
-from vqa_async.batching.executor import ModelExecutor
-from vqa_async.batching.work import ImageNotCached, WorkItem
+from vqa_async.batching.preemption import hand_over_newcomers
+from vqa_async.batching.runner import BatchRunner
+from vqa_async.batching.work import Done, WorkItem
 from vqa_async.config import Settings
+from vqa_async.core.adapter import ImageNotCached, VqaAdapter, VqaPayload
+from vqa_async.core.cache import ImageEmbeddingCache
 from vqa_async.metrics import Metrics
 from vqa_async.model.answer import Answered, Answerer
 from vqa_async.model.loader import LoadedModel, load_model
@@ -58,23 +61,15 @@ class Outcome:
     image_id: str = ""  # the sha256 of the image's bytes: the key of its cached embedding, for follow-ups
 
 
-@dataclass(frozen=True)
-class Prepared:
-    key: str
-    pixels: torch.Tensor | None  # None: a follow-up by image id
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-
 class VqaService:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.loaded: LoadedModel | None = None
-        self.queue: asyncio.Queue[WorkItem] = asyncio.Queue(maxsize=settings.max_queue)
+        self.queue: asyncio.Queue[WorkItem[VqaPayload]] = asyncio.Queue(maxsize=settings.max_queue)
         self.cache = ImageEmbeddingCache(settings.image_cache_entries, int(settings.image_cache_mb * 2**20))
-        self.executor = ModelExecutor(metrics, settings.max_batch_size, self.cache, settings.sick_after_failures,
-                                      settings.preempt_share)
+        self.runner: BatchRunner[VqaPayload] = BatchRunner(metrics, settings.max_batch_size,
+                                                           settings.sick_after_failures, settings.preempt_share)
         self._incoming = 0  # accepted requests still being preprocessed: the collector waits for them
         self.collector = BatchCollector(self.queue, settings.max_batch_size, settings.max_wait_ms / 1000,
                                         incoming=lambda: self._incoming, fair=settings.scheduling == "fair")
@@ -93,14 +88,17 @@ class VqaService:
     async def start(self) -> None:
         s = self.settings
 
-        def load() -> Answerer:
+        def load() -> VqaAdapter:
             if s.torch_threads:
                 torch.set_num_threads(s.torch_threads)
-            self.loaded = load_model(s.model, device=s.device, dtype=s.dtype)
-            return Answerer(self.loaded.model, self.loaded.tokenizer, self.loaded.device, self.loaded.dtype,
-                            decoder=s.decoder)
+            self.loaded = loaded = load_model(s.model, device=s.device, dtype=s.dtype)
+            answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype, decoder=s.decoder)
+            # The probe's canned question (while sick, see _start_probe): a blank image.
+            probe = (torch.zeros(3, loaded.image_res, loaded.image_res, dtype=torch.uint8),
+                     loaded.tokenizer.encode(["what is in the picture?"]))
+            return VqaAdapter(answerer, self.cache, self.metrics, probe)
 
-        await self.executor.start(load)
+        await self.runner.start(load)
         assert self.loaded is not None
         self._upload = UploadPixels(self.loaded.image_res, s.max_pixels, exact=s.exact_preprocess,
                                     device=self.loaded.device if s.gpu_decode else None)
@@ -116,7 +114,8 @@ class VqaService:
                 await self._batcher
         left = 0
         # Queued, held by the collector between batches, or handed over for preemption and not started.
-        waiting = self.collector.take_all() + [item for batch in self.executor.take_unstarted() for item in batch]
+        waiting = self.collector.take_all() + [
+            item for batch in self.runner.preemption.take_unstarted() for item in batch]
         for item in waiting:
             if not item.future.done():
                 item.future.set_exception(NotReady("the server is shutting down"))
@@ -124,16 +123,16 @@ class VqaService:
         if left:
             log.warning("shutdown: %d queued requests were not answered", left)
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
-        self.executor.shutdown()
+        self.runner.shutdown()
 
     # -- health -----------------------------------------------------------------------------------------------
     def liveness_problem(self) -> str | None:
         """Why this process can no longer answer and needs a restart (/healthz); None while it can."""
         if self._batcher is not None and self._batcher.done():
             return "the batcher task has stopped"
-        if self.loaded is not None and not self.executor.alive():
+        if self.loaded is not None and not self.runner.alive():
             return "the model thread has stopped"
-        busy = self.executor.busy_for(time.monotonic())
+        busy = self.runner.busy_for(time.monotonic())
         if busy > self.settings.stuck_timeout_s:
             return f"a model call has been running for {busy:.0f} s (stuck past {self.settings.stuck_timeout_s:g} s)"
         return None
@@ -146,9 +145,9 @@ class VqaService:
             return "the model is not loaded"
         if problem := self.liveness_problem():
             return problem
-        if self.executor.sick:
+        if self.runner.sick:
             self._start_probe()
-            return f"the last {self.executor.failures_in_a_row} requests failed in the model"
+            return f"the last {self.runner.failures_in_a_row} requests failed in the model"
         return None
 
     def ready(self) -> bool:
@@ -159,62 +158,32 @@ class VqaService:
         now = time.monotonic()
         if (self._probe is not None and not self._probe.done()) or now - self._probe_at < PROBE_INTERVAL_S:
             return
-        assert self.loaded is not None
         self._probe_at = now
-        res = self.loaded.image_res
-        pixels = torch.zeros(3, res, res, dtype=torch.uint8)
-        questions = self.loaded.tokenizer.encode(["what is in the picture?"])
-        self._probe = asyncio.ensure_future(self.executor.call(self.executor.probe, pixels, questions))
+        self._probe = asyncio.ensure_future(self.runner.call(self.runner.probe))
         self._probe.add_done_callback(_log_probe)
 
     async def _run_batches(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self.collector.collect(self.executor.cap)
+            batch = await self.collector.collect(self.runner.cap)
             self.metrics.queue_depth.set(self.collector.pending())
             await self._run(loop, batch)
-            for late in self.executor.take_unstarted():  # handed over as the batch ended: they go first
+            for late in self.runner.preemption.take_unstarted():  # handed over as the batch ended: they go first
                 await self._run(loop, late)
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem]) -> None:
-        run = asyncio.ensure_future(self.executor.run(loop, batch))
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem[VqaPayload]]) -> None:
+        run = asyncio.ensure_future(self.runner.run(loop, batch))
         try:
             if self.collector.fair and self.settings.preempt_share > 0:
-                await self._hand_over_newcomers(run, batch)
+                await hand_over_newcomers(self.runner.preemption, self.collector, run, batch, lambda: self.runner.cap)
             await run
-        except Exception as e:  # the executor settles its own failures; this is a bug, keep serving
+        except Exception as e:  # the runner settles its own failures; this is a bug, keep serving
             log.exception("batch runner failed")
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(e)
         finally:
             run.cancel()  # when the batcher itself is cancelled (shutdown); a no-op once the batch has run
-
-    async def _hand_over_newcomers(self, run: asyncio.Future[None], batch: list[WorkItem]) -> None:
-        """While `run` runs a batch in which a client holds more than its fair share: the requests of light
-        clients with nothing in progress go to the executor at once, to be answered at the batch's next stage
-        boundary instead of after it (those handed over before a boundary are answered there in one call). A
-        client whose handed-over request has been answered may break in again (a client at concurrency 1 asks
-        again within one bulk batch)."""
-        handed: list[WorkItem] = []
-        arrival: asyncio.Future[None] | None = None
-        try:
-            while True:
-                handed = [item for item in handed if not item.future.done()]
-                if self.executor.may_preempt() and (
-                        newcomers := self.collector.newcomers(batch, handed, self.executor.cap)):
-                    handed += newcomers
-                    self.executor.preempt(newcomers)
-                    self.metrics.queue_depth.set(self.collector.pending())
-                arrival = asyncio.ensure_future(self.collector.arrival())
-                await asyncio.wait((run, arrival), return_when=asyncio.FIRST_COMPLETED)
-                if run.done():
-                    return
-        finally:
-            if arrival is not None:
-                arrival.cancel()  # a request it has not taken stays in the queue
-                with contextlib.suppress(asyncio.CancelledError):
-                    await arrival
 
     # -- the request path -------------------------------------------------------------------------------------
     async def ask(self, image: bytes | None, questions: list[str], client: str = "", weight: int = 1,
@@ -247,26 +216,26 @@ class VqaService:
         preprocess_s = time.monotonic() - arrived
         self.metrics.preprocess.observe(preprocess_s)
         deadline = arrived + self.settings.timeout_s
-        item = WorkItem(prepared.key, prepared.pixels, prepared.input_ids, prepared.attention_mask,
-                        loop.create_future(), deadline, client=client, weight=weight)
+        item = WorkItem(prepared, prepared.size, loop.create_future(), deadline, client=client, weight=weight)
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.metrics.dropped.labels("overloaded").inc()
             raise Overloaded("the queue is full") from None
         self.metrics.queue_depth.set(self.collector.pending())
-        answers = await asyncio.wait_for(item.future, max(0.0, deadline - time.monotonic()))
-        return Outcome(answers, round((item.started_at - item.enqueued_at) * 1000, 2),
-                       round(item.compute_s * 1000, 2), item.batch_size, round(preprocess_s * 1000, 2), item.image_key)
+        done: Done[list[Answered]] = await asyncio.wait_for(item.future, max(0.0, deadline - time.monotonic()))
+        return Outcome(done.result, round((done.started_at - item.enqueued_at) * 1000, 2),
+                       round(done.compute_s * 1000, 2), done.batch_size, round(preprocess_s * 1000, 2),
+                       prepared.image_key)
 
-    def _follow_up(self, image_id: str, questions: list[str]) -> Prepared:
+    def _follow_up(self, image_id: str, questions: list[str]) -> VqaPayload:
         """A follow-up by image id: only its questions to encode."""
         assert self.loaded is not None
         with self.metrics.stage("preprocess"):
             enc = self.loaded.tokenizer.encode(questions)
-        return Prepared(image_id, None, enc.input_ids, enc.attention_mask)
+        return VqaPayload(image_id, None, enc.input_ids, enc.attention_mask)
 
-    def _prepare(self, image: bytes, questions: list[str]) -> Prepared:
+    def _prepare(self, image: bytes, questions: list[str]) -> VqaPayload:
         assert self.loaded is not None and self._upload is not None
         with self.metrics.stage("decode"):
             decoded = self._upload.decode(image)
@@ -274,4 +243,4 @@ class VqaService:
             key = hashlib.sha256(image).hexdigest()
             pixels = self._upload.pixels(decoded)
             enc = self.loaded.tokenizer.encode(questions)
-        return Prepared(key, pixels, enc.input_ids, enc.attention_mask)
+        return VqaPayload(key, pixels, enc.input_ids, enc.attention_mask)
