@@ -24,6 +24,7 @@ SCENARIOS = {
     "tls": ("tls", "P95 over https vs http at the cluster's front"),
     "http-floor": ("http_floor", "CPU per request of HTTP and upload parsing alone, no model"),
     "many-parts": ("many_parts", "how fast serve refuses a form of 160,000 parts"),
+    "flops": ("flops", "FLOPs per answer counted on the model, and MFU of a sweep's rows"),
     "decoder": ("decoder", "the reference vs the fast decoder on the same questions"),
     "upload-cpu": ("upload_cpu", "CPU per photo from bytes to pixels, exact vs fast"),
     "photos": ("photos", "build the phone-like photo set"),

@@ -7,30 +7,35 @@
 #                                 # load bench and the breakdown on photos, a breakdown with --gpu-decode (nvJPEG),
 #                                 # and the CPU micro-bench of the upload path; no decoder bench
 #   bash bench/gpu.sh --fairness  # issue 13's fairness figures on the GPU, nothing else (at most 8.5 minutes):
-#                                 # bench/fairness_floor.py (the batch cost curve up to 64 and its replay), then
-#                                 # bench/fairness.py against serve --device cuda (fair and fifo), with the
-#                                 # default --preempt-share 0.5 and with 0
+#                                 # `python -m bench fairness-replay` (the batch cost curve up to 64 and its
+#                                 # replay), then `python -m bench fairness` against serve --device cuda (fair,
+#                                 # fifo and --preempt-share 0, one repeat each)
+#   bash bench/gpu.sh --dry-run   # seconds on a CPU: the demo model, serve and ceiling at levels 1,2, the FLOP
+#                                 # count and MFU against a stated 1 TFLOP/s (tests/test_bench.py runs it)
 #
 # With the device tool: run `bash bench/gpu.sh --prepare` here, then
 #   run(command="OUT=$OUT bash bench/gpu.sh", carry=[".whl", ".deb"], timeout_s=600)
 #   run(command="OUT=$OUT bash bench/gpu.sh --photos", carry=[".whl", ".deb", ".photos"], timeout_s=600)
 #   run(command="OUT=$OUT bash bench/gpu.sh --fairness", carry=[".whl"], timeout_s=600)
 # Everything it measures lands in $OUT/gpu-results.tgz, one file (the tool brings back at most 8), plus the
-# summary $OUT/summary.md. Each step has its own time limit (synth 90 s, load check 60, load bench 300, breakdown
-# 75, decoder 45: about 9.5 minutes at most with the install), the issue's figures come first, a failed step is
-# noted, not fatal, and the tarball is rewritten after every step, so a run stopped at the tool's 600 s keeps
-# what it did.
+# summary $OUT/summary.md. Each step has its own time limit (synth 90 s, load check 60, load bench 300, FLOPs 45,
+# breakdown 75, decoder 45: about 10 minutes at most with the install), the issue's figures come first, a failed
+# step is noted, not fatal, and the tarball is rewritten after every step, so a run stopped at the tool's 600 s
+# keeps what it did.
 #
 # Steps: install the wheels into /tmp/site; unpack Debian's HAProxy into /tmp/haproxy-root (if it cannot run
 # there, the cluster rows are left out and summary.md says why); write the mPLUG-large replica in FP16 (504 px);
-# load it once and record load time and GPU memory; bench/run.py --systems serve,cluster,ceiling at concurrency
-# 1, 32, 128, with each process's GPU memory sampled under load and the model FLOP utilisation of every row;
-# bench/breakdown.py at concurrency 128; bench/decoder.py (reference vs fast).
+# load it once and record load time and GPU memory; `python -m bench sweep --workload distinct` (every upload
+# new: no cache hit or dedup helps any row) with serve, cluster and ceiling at concurrency 1, 32, 128, REPEATS
+# times, each process's GPU memory sampled under load; `python -m bench flops`: the FLOPs of one real batch on the
+# replica at its input size and answer length (torch's FlopCounterMode), and each row's MFU = its answers/s x
+# FLOPs per answer / the GPU's stated dense FP16 peak (the datasheet line is printed; PEAK_TFLOPS and
+# PEAK_SOURCE override it); `python -m bench breakdown` at concurrency 128; `python -m bench decoder`.
 #
 # Knobs for a dry run on a CPU box (SKIP_INSTALL=1 DEVICE=cpu PRESET=demo REQUESTS=64 LEVELS=1,8,32 bash
-# bench/gpu.sh ran every step here in 90 s; SKIP_INSTALL=1 DEVICE=cpu PRESET=photo504 REQUESTS=28 LEVELS=1,8
-# VQA_PHOTOS_DIR=/tmp/vqa-async-photos-v1 bash bench/gpu.sh --photos in 5 min; it has not yet run on a GPU):
-# DEVICE (cuda), PRESET (large), REQUESTS (512 per level), LEVELS (1,32,128), SKIP_INSTALL, REPLICA, OUT.
+# bench/gpu.sh runs every step on the CPU; SKIP_INSTALL=1 DEVICE=cpu PRESET=photo504 REQUESTS=28 LEVELS=1,8
+# VQA_PHOTOS_DIR=/tmp/vqa-async-photos-v1 bash bench/gpu.sh --photos): DEVICE (cuda), PRESET (large), REQUESTS
+# (512 per level), LEVELS (1,32,128), REPEATS (3), SYSTEMS, SKIP_INSTALL, REPLICA, OUT, PEAK_TFLOPS, PEAK_SOURCE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,17 +47,22 @@ if [[ "${1:-}" == "--prepare" ]]; then
     -d .whl prometheus-client==0.26.0 uvloop==0.23.0 tqdm matplotlib contourpy cycler fonttools kiwisolver pyparsing
   mkdir -p .deb && (cd .deb && apt-get download haproxy liblua5.3-0 libopentracing-c-wrapper0 libopentracing1 2>/dev/null \
     || apt-get download haproxy liblua5.3-0)
-  python3 bench/photos.py .photos >/dev/null  # scikit-image is not on the CUDA host: carry the built set
+  python3 -m bench photos .photos >/dev/null  # scikit-image is not on the CUDA host: carry the built set
   echo "prepared .whl/, .deb/ and .photos/; carry them to the CUDA host"
   exit 0
 fi
 
 PHOTOS=""
 FAIRNESS=""
+DRY=""
 [[ "${1:-}" == "--fairness" ]] && FAIRNESS=1
 if [[ "${1:-}" == "--photos" ]]; then
   PHOTOS=1
-  export VQA_PHOTOS_DIR=${VQA_PHOTOS_DIR:-$PWD/.photos}  # bench/photos.py reads the set from there
+  export VQA_PHOTOS_DIR=${VQA_PHOTOS_DIR:-$PWD/.photos}  # bench.lib.photos reads the set from there
+fi
+if [[ "${1:-}" == "--dry-run" ]]; then  # the whole path on a CPU in seconds: what CI runs
+  DRY=1 SKIP_INSTALL=1 DEVICE=cpu PRESET=demo REQUESTS=${REQUESTS:-8} LEVELS=${LEVELS:-1,2} REPEATS=${REPEATS:-1}
+  SYSTEMS=${SYSTEMS:-serve,ceiling} REPLICA=${REPLICA:-$PWD/vqa_async/demo} PEAK_TFLOPS=${PEAK_TFLOPS:-1} PEAK_SOURCE=${PEAK_SOURCE:-"dry run: a made-up 1 TFLOP/s"}
 fi
 IMAGES=()
 [[ -n $PHOTOS ]] && IMAGES=(--images photos)
@@ -60,6 +70,7 @@ DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-large}
 REQUESTS=${REQUESTS:-512}
 LEVELS=${LEVELS:-1,32,128}
+REPEATS=${REPEATS:-3}
 OUT=${OUT:-bench/out-gpu}
 WORK=$(mktemp -d /tmp/vqa-gpu-XXXX)  # everything measured, tarred into $OUT at the end
 mkdir -p "$OUT"
@@ -88,11 +99,11 @@ if ! command -v haproxy >/dev/null && [[ -d .deb ]]; then
   export PATH=/tmp/haproxy-root/usr/sbin:$PATH
   export LD_LIBRARY_PATH=/tmp/haproxy-root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 fi
-SYSTEMS=serve,cluster,ceiling
+SYSTEMS=${SYSTEMS:-serve,cluster,ceiling}
 if haproxy -v >"$WORK/haproxy-version.txt" 2>&1; then
   note "haproxy: $(head -1 "$WORK/haproxy-version.txt")"
 else
-  SYSTEMS=serve,ceiling
+  SYSTEMS=${SYSTEMS//cluster,/}
   note "haproxy does not run here, so the cluster rows are missing: $(tail -3 "$WORK/haproxy-version.txt" | tr '\n' ' ')"
 fi
 
@@ -101,16 +112,14 @@ fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$SUMMARY"
 
 if [[ -n $FAIRNESS ]]; then  # the demo model (fairness.py's serve loads it), the GPU's max batch of 64
-  step "fairness floor (cost curve and replay)" 150 bash -c "python3 bench/fairness_floor.py --device $DEVICE \
-    --max-batch-size 64 --shared 48,32,16 2>\"$WORK/fairness_floor.log\" | tee \"$WORK/fairness_floor.json\""
-  grep -E '^(fifo|fair|  (vision|decoder):)' "$WORK/fairness_floor.log" >>"$SUMMARY"
-  for share in 0.5 0; do  # the default, then no preemption (the bulk client's rate first)
-    step "fairness bench (serve --device $DEVICE --preempt-share $share, fair then fifo)" 180 bash -c \
-      "python3 bench/fairness.py --seconds 10 --serve-args '--device $DEVICE --torch-threads 1 --preempt-share \
-      $share' 2>\"$WORK/fairness-$share.log\" | tee \"$WORK/fairness-$share.json\""
-    { echo "preempt-share $share"; tail -5 "$WORK/fairness-$share.log"; tail -1 "$WORK/fairness-$share.json"; } \
-      >>"$SUMMARY" 2>/dev/null
-  done
+  step "fairness replay (cost curve and replay)" 150 bash -c "python3 -m bench fairness-replay --device $DEVICE \
+    --max-batch-size 64 --shared 48,32,16 2>\"$WORK/fairness_replay.log\" | tee \"$WORK/fairness_replay.json\""
+  grep -E '^(fifo|fair|  (vision|decoder):)' "$WORK/fairness_replay.log" >>"$SUMMARY"
+  # The default, fifo and no preemption, each phase 10 s, one repeat (three serves: 9 phases of 11 s).
+  step "fairness bench (serve --device $DEVICE: fair, fifo, share0)" 300 bash -c \
+    "python3 -m bench fairness --seconds 10 --repeats 1 --settings fair,fifo,share0 --serve-args '--device $DEVICE \
+    --torch-threads 1' 2>\"$WORK/fairness.log\" | tee \"$WORK/fairness.json\""
+  { tail -4 "$WORK/fairness.log"; tail -1 "$WORK/fairness.json"; } >>"$SUMMARY" 2>/dev/null
   exit 0
 fi
 REPLICA=${REPLICA:-/tmp/mplug-$PRESET-fp16}
@@ -136,7 +145,7 @@ print(json.dumps({"load_s": round(load_s, 2), "image_res": m.image_res, "dtype":
 PY
 }
 export -f load_check
-step "load check" 60 bash -c load_check
+[[ -z $DRY ]] && step "load check" 60 bash -c load_check
 
 sample_memory() {  # each process's GPU memory and the GPU's total, every 5 s while the load bench runs
   while sleep 5; do
@@ -148,9 +157,10 @@ sample_memory() {  # each process's GPU memory and the GPU's total, every 5 s wh
 }
 sample_memory &
 SAMPLER=$!
-step "load bench ($SYSTEMS at $LEVELS, $REQUESTS requests per level${PHOTOS:+, photos})" 300 \
-  python3 bench/run.py --systems "$SYSTEMS" --concurrency "$LEVELS" --requests "$REQUESTS" --model "$REPLICA" \
-  --device "$DEVICE" --decoder fast --workers 2 --out "$WORK/bench" "${IMAGES[@]}"
+step "load bench ($SYSTEMS at $LEVELS, distinct, $REQUESTS requests per row, $REPEATS repeats${PHOTOS:+, photos})" \
+  300 python3 -m bench sweep --systems "$SYSTEMS" --concurrency "$LEVELS" --requests "$REQUESTS" --repeats "$REPEATS" \
+  --workload distinct --model "$REPLICA" --device "$DEVICE" --decoder fast --workers 2 --out "$WORK/bench" \
+  "${IMAGES[@]}"
 kill $SAMPLER 2>/dev/null
 cat "$WORK/bench/results.md" >>"$SUMMARY" 2>/dev/null
 { echo; echo "GPU memory per process (largest seen under load, MiB; empty where nvidia-smi lists no processes):"
@@ -160,42 +170,41 @@ cat "$WORK/bench/results.md" >>"$SUMMARY" 2>/dev/null
   awk -F', ' '{v = $2 + 0; if (v > m) m = v} END {print "  " m + 0}' "$WORK/gpu-memory-total.csv" 2>/dev/null
 } | tee -a "$SUMMARY"
 
-# Model FLOP utilisation: about 1.02 TFLOP per answer for mPLUG-large with a decoder that does not recompute,
-# against the H100/H200 SXM dense FP16 tensor peak of 989 TFLOP/s.
-python3 - "$WORK/bench/results.json" "$PRESET" <<'PY' | tee -a "$SUMMARY"
-import json, sys
-for r in json.load(open(sys.argv[1])):
-    mfu = f"MFU {r['answers_per_s'] * 1.02e12 / 989e12:.1%} (of 989 TFLOP/s)" if sys.argv[2] == "large" else ""
-    print(f"{r['system']:8s} c={r['concurrency']:4d} {r['answers_per_s']:8.1f} answers/s  P95 {r['p95_ms']:7.1f} ms  "
-          f"failures {r['failures']}  {mfu}")
-PY
+# Model FLOP utilisation, measured: the FLOPs of one real batch on the replica (FlopCounterMode), times each row's
+# answers/s, over the GPU's stated peak (its datasheet line is printed, or PEAK_TFLOPS with PEAK_SOURCE).
+PEAK=()
+[[ -n ${PEAK_TFLOPS:-} ]] && PEAK=(--peak-tflops "$PEAK_TFLOPS" --peak-source "${PEAK_SOURCE:-given as PEAK_TFLOPS}")
+step "FLOPs per answer and MFU" 45 bash -c "python3 -m bench flops --model \"$REPLICA\" --device $DEVICE --batch 16 \
+  --results \"$WORK/bench/results.json\" ${IMAGES[*]} ${PEAK[*]@Q} 2>\"$WORK/flops.log\" >\"$WORK/flops.json\""
+grep -v Warning "$WORK/flops.log" | grep -E 'GFLOP|peak|answers/s' | tee -a "$SUMMARY"
+[[ -n $DRY ]] && exit 0
 
 # Where the time goes per batch at the top concurrency through HAProxy (the vision stage is GPU time: the
 # executor synchronizes after it).
 TOP=${LEVELS##*,}
 if [[ $SYSTEMS == *cluster* ]]; then
-  step "breakdown at concurrency $TOP" 75 python3 bench/breakdown.py --system cluster --workers 2 --concurrency "$TOP" \
+  step "breakdown at concurrency $TOP" 75 python3 -m bench breakdown --system cluster --workers 2 --concurrency "$TOP" \
     --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" --out "$WORK/breakdown" "${IMAGES[@]}"
   if [[ -n $PHOTOS ]]; then  # nvJPEG decode and resize on the device, against the CPU's reduced-scale decode
-    step "breakdown at concurrency $TOP, --gpu-decode" 75 python3 bench/breakdown.py --system cluster --workers 2 \
+    step "breakdown at concurrency $TOP, --gpu-decode" 75 python3 -m bench breakdown --system cluster --workers 2 \
       --concurrency "$TOP" --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" \
       --out "$WORK/breakdown-gpu-decode" --images photos --gpu-decode
     cat "$WORK/breakdown-gpu-decode/breakdown.md" >>"$SUMMARY" 2>/dev/null
   fi
 else
-  step "breakdown at concurrency $TOP (serve)" 75 python3 bench/breakdown.py --system serve --concurrency "$TOP" \
+  step "breakdown at concurrency $TOP (serve)" 75 python3 -m bench breakdown --system serve --concurrency "$TOP" \
     --requests "$((REQUESTS * 2))" --model "$REPLICA" --device "$DEVICE" --out "$WORK/breakdown" "${IMAGES[@]}"
 fi
 cat "$WORK/breakdown/breakdown.md" >>"$SUMMARY" 2>/dev/null
 
 decoder_bench() {
-  python3 bench/decoder.py --model "$REPLICA" --device "$DEVICE" --batch 64 --n 256 2>"$WORK/decoder.log" | tail -1 \
+  python3 -m bench decoder --model "$REPLICA" --device "$DEVICE" --batch 64 --n 256 2>"$WORK/decoder.log" | tail -1 \
     | tee "$WORK/decoder.json" >>"$SUMMARY"
 }
 export -f decoder_bench
 if [[ -n $PHOTOS ]]; then
   step "upload path micro-bench (CPU, one core)" 60 bash -c \
-    "python3 bench/photo_decode.py --repeat 3 | tee \"$WORK/photo_decode.txt\" >>\"$SUMMARY\""
+    "python3 -m bench upload-cpu --repeat 3 | tee \"$WORK/upload_cpu.txt\" >>\"$SUMMARY\""
 else
   step "decoder bench" 45 bash -c decoder_bench
 fi

@@ -46,6 +46,7 @@ class Result:
     by_image_id: bool = False  # a follow-up sent by the server's image_id instead of the bytes
     client: int = 0  # which closed-loop client sent it
     image_id: str | None = None  # the server's name for the upload, where it gives one (follow-ups use it)
+    reuploaded: bool = False  # a follow-up by image_id answered 409 (not cached), so the image was sent again
 
     @property
     def done(self) -> float:
@@ -137,8 +138,13 @@ class _Run:
             image_id: str | None = None
             for i, form in enumerate(job):
                 if i and image_id:  # a follow-up about the image the server already holds
-                    form = multipart(None, form.questions, fields=[("image_id", image_id)])
-                res = await self.send(session, form, k, by_image_id=bool(i and image_id))
+                    res = await self.send(session, multipart(None, form.questions, fields=[("image_id", image_id)]),
+                                          k, by_image_id=True)
+                    if res.status == 409:  # image_not_cached (evicted, or no cache): send the image again
+                        res = await self.send(session, form, k, by_image_id=False)
+                        res.reuploaded = True
+                else:
+                    res = await self.send(session, form, k, by_image_id=False)
                 self.results.append(res)
                 if i == 0:
                     image_id = res.image_id
@@ -241,7 +247,8 @@ def summarize(results: list[Result], wall_s: float, window: tuple[float, float] 
             "mean_batch_size_seen": round(statistics.mean(sizes), 2) if sizes else 0.0,
             "max_batch_size_seen": max(sizes) if sizes else 0,
             "failed_by_status": {str(k): v for k, v in sorted(statuses.items())},
-            "follow_ups_by_image_id": sum(r.by_image_id for r in results)}
+            "follow_ups_by_image_id": sum(r.by_image_id for r in results),
+            "follow_ups_reuploaded": sum(r.reuploaded for r in results)}
 
 
 def main(argv: list[str] | None = None) -> None:

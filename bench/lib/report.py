@@ -17,7 +17,7 @@ from typing import Any
 Row = dict[str, Any]
 # Summed over the repeats (None where a system does not count it); everything else numeric is the median.
 SUMMED = ("requests", "failures", "cache_hits", "cache_misses", "dedups", "model_calls", "failed_model_calls",
-          "preemptions", "deadline_drops", "vision_images", "follow_ups_by_image_id")
+          "preemptions", "deadline_drops", "vision_images", "follow_ups_by_image_id", "follow_ups_reuploaded")
 KEYS = ("system", "concurrency")
 RATIOS = (("serve", "baseline"), ("cluster", "baseline"), ("cluster", "ceiling"), ("serve", "ceiling"),
           ("serve", "litserve"), ("cluster", "litserve"), ("serve", "litserve-fast"), ("serve-exact", "litserve"),
