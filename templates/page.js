@@ -5,6 +5,9 @@
 // server's decode is cheap, and a retry after a worker dies is always possible (HAProxy buffers up to 1 MiB).
 // With keys on (the page has an #api_key field) the key is remembered in this browser (localStorage) and sent as
 // `Authorization: Bearer`, never in the form body, so a wrong key is forgotten at the 401 and typed again.
+// A further question about the same picture names it by the `image_id` of the last answer instead of sending it
+// again (no image bytes leave the browser); if the server no longer holds it (409 image_not_cached), the picture is
+// sent once more. The id is kept on the form as data-image-id and forgotten when another picture is chosen.
 // No inline script or style anywhere: the Content-Security-Policy allows only this file and page.css.
 (() => {
   const form = document.getElementById("ask");
@@ -21,7 +24,12 @@
   }
   if (keyField && storage()) keyField.value = storage().getItem(KEY_ITEM) || "";
 
+  // The picture whose id the form holds (data-image-id): a follow-up names it instead of sending it.
+  let answered = null;
+  function forget() { answered = null; delete form.dataset.imageId; }
+
   function show(f) {
+    forget();
     if (!f) return;
     preview.src = URL.createObjectURL(f);
     preview.style.display = "block";
@@ -64,22 +72,38 @@
     return new File([blob], f.name.replace(/\.[^.]*$/, "") + ".jpg", { type: "image/jpeg" });
   }
 
+  // POST /v1/vqa: the picture by its id when the server answered about it last, else the (shrunk) picture.
+  async function post(byId, headers) {
+    const body = new FormData(form);
+    body.delete("api_key");
+    if (byId) {
+      body.delete("image");
+      body.set("image_id", form.dataset.imageId);
+    } else {
+      const upload = await shrunk(file.files[0]);
+      if (upload) body.set("image", upload, upload.name);
+    }
+    const resp = await fetch("/v1/vqa", { method: "POST", body, headers });
+    return { resp, reply: await resp.json() };
+  }
+
   form.addEventListener("submit", async e => {
     e.preventDefault();
     render("<p>Thinking…</p>");
     try {
-      const body = new FormData(form);
       const headers = {};
       if (keyField) {
         const key = keyField.value.trim();
-        body.delete("api_key");
         headers.Authorization = "Bearer " + key;
         if (storage()) storage().setItem(KEY_ITEM, key);
       }
-      const upload = await shrunk(file.files[0]);
-      if (upload) body.set("image", upload, upload.name);
-      const resp = await fetch("/v1/vqa", { method: "POST", body, headers });
-      const reply = await resp.json();
+      const chosen = file.files[0];
+      const byId = Boolean(chosen && chosen === answered && form.dataset.imageId);
+      let { resp, reply } = await post(byId, headers);
+      if (byId && resp.status === 409 && reply.error && reply.error.code === "image_not_cached") {
+        forget(); // evicted, or the server restarted: send the picture again
+        ({ resp, reply } = await post(false, headers));
+      }
       if (resp.status === 401 && keyField) {
         if (storage()) storage().removeItem(KEY_ITEM);
         keyField.value = "";
@@ -88,6 +112,7 @@
         render(`<p class="error" id="error">${esc(reply.error.message)} <code>(${esc(reply.error.code)})</code></p>`);
         return;
       }
+      if (reply.image_id) { answered = chosen; form.dataset.imageId = reply.image_id; }
       render(`<p>Answer: <span class="answer" id="answer">${esc(reply.answer)}</span></p>` +
              `<p class="timings" id="timings">queue ${reply.queue_ms} ms · compute ${reply.compute_ms} ms · ` +
              `batch of ${reply.batch_size}</p>`);

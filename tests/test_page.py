@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,8 +127,7 @@ def photo_server(tmp_path_factory: pytest.TempPathFactory, photo_uploads: list[b
 
 @pytest.fixture(scope="module")
 def photo_set() -> dict[str, Path]:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from photos import build
+    from bench.lib.photos import build
 
     return {p.path.name: p.path for p in build()}
 
@@ -183,3 +182,53 @@ def test_no_js_posts_the_original_photo(photo_server: str, browser_nojs: webdriv
     wait_navigated(browser_nojs, html)
     assert wait_outcome(browser_nojs).get_attribute("id") == "answer"
     assert _received(photo_uploads, before) == original.read_bytes()
+
+
+# -- follow-up questions: the picture named by its image_id, not sent again ------------------------------------------
+
+RECORD_SENT = """
+window.__sent = [];
+window.__realFetch = window.__realFetch || window.fetch;
+window.fetch = (url, opts) => {
+  window.__sent.push([...opts.body.entries()].map(([k, v]) => [k, typeof v === "string" ? v.length : v.size]));
+  return window.__realFetch(url, opts);
+};
+"""
+
+
+def _ask_again(driver: webdriver.Chrome, question: str) -> list[list[list[object]]]:
+    """Another question about the picture already chosen; the form fields each request carried (name, size),
+    sorted by name."""
+    driver.execute_script(RECORD_SENT)
+    field = driver.find_element(By.ID, "question")
+    field.clear()
+    field.send_keys(question)
+    driver.find_element(By.ID, "submit").click()
+    out = wait_outcome(driver)
+    assert out.get_attribute("id") == "answer", out.text
+    return [sorted(fields) for fields in driver.execute_script("return window.__sent;")]
+
+
+def test_js_follow_up_sends_no_image_and_sends_it_again_on_409(photo_server: str, browser: webdriver.Chrome,
+                                                               photo_uploads: list[bytes],
+                                                               photo_set: dict[str, Path]) -> None:
+    original = photo_set["coffee-0.3mp.jpg"]  # small: sent as it is, so its image_id is its bytes' sha256
+    image_id = hashlib.sha256(original.read_bytes()).hexdigest()
+    before = len(photo_uploads)
+    out = ask_with_js(browser, photo_server, original, "what color is it?")
+    assert out.get_attribute("id") == "answer", out.text
+    form = browser.find_element(By.ID, "ask")
+    assert form.get_attribute("data-image-id") == image_id
+
+    sent = _ask_again(browser, "what is it?")
+    assert sent == [[["image_id", 64], ["question", len("what is it?")]]], sent  # no image bytes left the browser
+    assert photo_uploads[before + 1:] == [None]  # the service was asked by id alone
+
+    # The server no longer holds it (here: an id it never saw): 409 image_not_cached, and the page sends the image.
+    browser.execute_script("arguments[0].dataset.imageId = arguments[1];", form, "ab" * 32)
+    sent = _ask_again(browser, "is it round?")
+    assert [[name for name, _ in fields] for fields in sent] == [["image_id", "question"], ["image", "question"]]
+    assert sent[1][0][1] == original.stat().st_size
+    assert photo_uploads[before + 2:] == [None, original.read_bytes()]
+    assert form.get_attribute("data-image-id") == image_id
+    assert csp_violations(browser) == []

@@ -1,5 +1,6 @@
 """The upload page. With JavaScript (templates/page.js, served at /static/page.js) it shrinks a large photo in
-the browser, posts it to /v1/vqa and shows the answer in place; without, the form posts the original here and the
+the browser, posts it to /v1/vqa and shows the answer in place (a further question about the same picture names it
+by the answer's `image_id` instead of sending it again); without, the form posts the original here and the
 same template renders the answer. The page has no inline script or style (templates/page.css), as the
 Content-Security-Policy requires (security.py); a form post from another site is refused."""
 
@@ -13,7 +14,7 @@ from aiohttp import web
 
 from vqa_async.http.auth import form_client
 from vqa_async.http.errors import ApiError
-from vqa_async.http.handlers import ask
+from vqa_async.http.handlers import ask, image_header
 from vqa_async.http.keys import AUTH, SERVICE, SETTINGS
 from vqa_async.http.parse import read_vqa_input
 from vqa_async.http.security import refuse_cross_site
@@ -64,6 +65,8 @@ async def page_post(request: web.Request) -> web.Response:
             status=e.status)
         resp.headers.update(e.headers)  # Retry-After, WWW-Authenticate
         return resp
-    return aiohttp_jinja2.render_template("index.html", request, _context(
+    resp = aiohttp_jinja2.render_template("index.html", request, _context(
         request, question=question, answer=out.answers[0].text, queue_ms=out.queue_ms, compute_ms=out.compute_ms,
         batch_size=out.batch_size))
+    resp.headers.update(image_header(out))
+    return resp
