@@ -9,6 +9,7 @@ import base64
 import io
 import ipaddress
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -271,6 +272,27 @@ async def test_a_slow_body_is_refused_at_the_timeout(origin: Origin) -> None:
     t0 = time.monotonic()
     assert await refusal(origin.url("/slow"), settings(**LOCAL, media_timeout_s=0.5)) == "image_url_timeout"
     assert time.monotonic() - t0 < 5
+
+
+async def test_a_host_that_does_not_accept_is_refused_at_the_connect_timeout() -> None:
+    """A listening socket whose accept queue is full: the kernel drops further SYNs, so a connect hangs."""
+    listener = socket.socket()
+    fillers = [socket.socket() for _ in range(3)]
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for c in fillers:
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        s = settings(**LOCAL, media_connect_timeout_s=0.5)  # the whole fetch may take 10 s
+        assert await refusal(f"http://127.0.0.1:{port}/image", s) == "image_url_timeout"
+        assert time.monotonic() - t0 < 3
+    finally:
+        for c in [listener, *fillers]:
+            c.close()
 
 
 async def test_an_endless_body_is_refused_at_the_byte_cap(origin: Origin) -> None:
