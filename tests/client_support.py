@@ -4,19 +4,18 @@ a direct POST to compare the client's answers with."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
-import requests
-
-from vqa_async.cluster.supervisor import free_port
 
 API_KEY = "client-test-key-0123456789"
 
@@ -29,6 +28,12 @@ class Serve:
 
     def log_lines(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.access_log.read_bytes().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
@@ -65,10 +70,14 @@ def serve(demo_dir: Path, tmp: Path, *extra: str) -> Iterator[Serve]:
 
 
 def direct_post(url: str, image: bytes, questions: list[str], content_type: str = "image/png") -> dict[str, Any]:
-    """POST /v1/vqa by hand: the answer the client's must equal."""
-    r = requests.post(url + "/v1/vqa", files=[("image", ("a", image, content_type)),
-                                              *[("question", (None, q)) for q in questions]],
-                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
+    """POST /v1/vqa by hand (a multipart body built here): the answer the client's must equal."""
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n'
+             f"Content-Type: {content_type}\r\n\r\n".encode() + image + b"\r\n"]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="question"\r\n\r\n{q}\r\n'.encode()
+              for q in questions]
+    req = urllib.request.Request(url + "/v1/vqa", data=b"".join(parts) + f"--{boundary}--\r\n".encode(), headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}", "Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        body: dict[str, Any] = orjson.loads(r.read())
     return body

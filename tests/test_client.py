@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from client_support import API_KEY, Serve, direct_post, serve
+from client_support import API_KEY, Serve, direct_post, free_port, serve
 from PIL import Image
 
 from vqa_async.client import AsyncClient, Client, VqaError
 from vqa_async.client.upload import UPLOAD_BUDGET
-from vqa_async.cluster.supervisor import free_port
 
 QUESTIONS = ["what color is the shape?", "what shape is this?", "is there a circle?"]
 
@@ -67,7 +68,8 @@ def test_answers_equal_a_direct_post(srv: Serve, easy_vqa_images: list[Path]) ->
         want_many = direct_post(srv.url, path.read_bytes(), QUESTIONS)["answers"]
         assert list(vqa.ask(str(path), questions=QUESTIONS).answers) == want_many
     uploads = [line for line in srv.log_lines() if line["route"] == "/v1/vqa"]
-    assert uploads and all(line["client"] == "tester" for line in uploads)  # the key went as Authorization
+    # the key went as Authorization: every request is the key's client
+    assert uploads and {line["client"] for line in uploads} == {"tester"}, uploads
 
 
 async def test_async_client_and_ask_many_answer_every_image(srv: Serve, easy_vqa_images: list[Path]) -> None:
@@ -84,7 +86,10 @@ def test_a_12mp_photo_is_sent_shrunk_and_upright(srv: Serve, photo_12mp: bytes) 
     assert answer.answer
     sent = [line for line in srv.log_lines()[before:] if line["route"] == "/v1/vqa"]
     assert len(sent) == 1 and sent[0]["status"] == 200
-    # the demo model's input is 64 px, so the photo leaves as a JPEG of at most 128 px: a few KB, not 3 MB
+    # the demo model's input is 64 px (its /readyz says so), so the photo leaves as a JPEG of at most 128 px: a few
+    # KB, not 3 MB
+    with urllib.request.urlopen(srv.url + "/readyz", timeout=5) as r:
+        assert json.loads(r.read())["image_res"] == 64
     assert answer.upload_bytes < 20_000 and sent[0]["upload_bytes"] < 20_000 < len(photo_12mp)
 
 
