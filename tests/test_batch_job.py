@@ -23,7 +23,9 @@ LINES = 200
 
 @pytest.fixture(scope="module")
 def srv(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    yield from serve(demo_dir, tmp_path_factory.mktemp("batch_serve"))
+    # image URLs on, for the local file server of test_an_image_url_is_fetched_by_the_server
+    yield from serve(demo_dir, tmp_path_factory.mktemp("batch_serve"), "--allowed-media-domains", "127.0.0.1",
+                     "--allow-private-media")
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +185,28 @@ def test_the_openai_batch_form(srv: Serve, job: Path, tmp_path: Path, easy_vqa_i
     refused = got["two-images"]
     assert refused["response"]["status_code"] == 400 and refused["error"]["code"]
     assert refused["error"]["code"] == refused["response"]["body"]["error"]["code"]
+
+
+def test_an_image_url_is_fetched_by_the_server(srv: Serve, job: Path, tmp_path: Path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(job.parent))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        plain = [json.loads(x) for x in job.read_text().splitlines()[:3]]
+        inp = tmp_path / "input.jsonl"
+        inp.write_text("\n".join(json.dumps({**x, "image": f"http://127.0.0.1:{files.server_port}/{x['image']}"})
+                                 for x in plain) + "\n")
+        out = tmp_path / "out.jsonl"
+        p = batch(srv, inp, out, "--no-progress")
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        files.shutdown()
+        files.server_close()
+    assert p.returncode == 0, stdout + stderr
+    got = {r["custom_id"]: r["response"]["body"]["answer"] for r in records(out)}
+    assert got == {x["custom_id"]: direct_post(srv.url, (job.parent / x["image"]).read_bytes(), [x["question"]])[
+        "answer"] for x in plain}
