@@ -18,7 +18,7 @@ from vqa_async.config import Settings
 def render(tmp_path: Path, demo_dir: Path, **options: object) -> str:
     cluster = Cluster(ClusterOptions(port=free_port(), runtime_dir=tmp_path, **options),  # type: ignore[arg-type]
                       Settings(model=str(demo_dir), device="cpu"))
-    cfg = cluster._render()
+    cfg = cluster.render()
     if haproxy.find_haproxy():
         asyncio.run(haproxy.check_config(cfg))
     return cfg.read_text()

@@ -152,26 +152,26 @@ def test_a_relative_runtime_dir_gives_a_config_haproxy_accepts(tmp_path: Path, m
     cluster = Cluster(ClusterOptions(workers=1, port=free_port(), runtime_dir=Path("rt")),
                       Settings(model=str(demo_dir), device="cpu"))
     assert cluster.admin_socket.is_absolute()
-    asyncio.run(haproxy.check_config(cluster._render()))
+    asyncio.run(haproxy.check_config(cluster.render()))
 
 
 def test_workers_get_every_serve_setting(demo_dir: Path, tmp_path: Path) -> None:
     # A flag given to `cluster` reaches every worker, not only the ones somebody remembered to list.
-    from vqa_async.cli import build_parser
-    from vqa_async.cluster.supervisor import Cluster, ClusterOptions
-    from vqa_async.config import Settings, settings_from_args
+    from vqa_async.cli import build_parser, cluster_options
+    from vqa_async.cluster.supervisor import Cluster
+    from vqa_async.config import Settings, settings_env, settings_from_args
 
-    serve = Settings(model=str(demo_dir), device="cpu", max_question_chars=99, preprocess_threads=3,
-                     loop="asyncio", log_level="DEBUG", max_wait_ms=7.5)
-    cluster = Cluster(ClusterOptions(workers=1, port=free_port(), runtime_dir=tmp_path), serve)
+    args = build_parser().parse_args(["--log-level", "DEBUG", "cluster", "--workers", "1", "--model", str(demo_dir),
+                                      "--device", "cpu", "--max-question-chars", "99", "--preprocess-threads", "3",
+                                      "--loop", "asyncio", "--max-wait-ms", "7.5", "--runtime-dir", str(tmp_path)])
+    serve = settings_from_args(args, env={})
+    cluster = Cluster(cluster_options(args), serve)
     worker = cluster.workers[0]
-    argv = cluster._worker_args(worker)
-    args = build_parser().parse_args(argv)  # what follows the program: cold start or warm spare alike
-    assert args.command == "serve" and args.log_level == "DEBUG"
-    got = settings_from_args(args, env={})
-    expected = dataclasses.replace(serve, host="127.0.0.1", port=worker.port, torch_threads=cluster._torch_threads(),
+    # What a worker reads, cold (its environment) or warm (a spare's stdin) alike.
+    got = Settings.from_env(settings_env(worker.settings))
+    expected = dataclasses.replace(serve, host="127.0.0.1", port=worker.port, torch_threads=os.cpu_count() or 1,
                                    worker_name="w0")
-    assert got == expected
+    assert got == expected and got.log_level == "DEBUG" and got.max_question_chars == 99
 
 
 def test_retry_body_size_sets_haproxys_buffer(tmp_path: Path, demo_dir: Path) -> None:
@@ -181,6 +181,6 @@ def test_retry_body_size_sets_haproxys_buffer(tmp_path: Path, demo_dir: Path) ->
 
     cluster = Cluster(ClusterOptions(workers=1, port=free_port(), runtime_dir=tmp_path, retry_body_bytes=128 << 10),
                       Settings(model=str(demo_dir), device="cpu"))
-    cfg = cluster._render()
+    cfg = cluster.render()
     assert f"tune.bufsize {(128 << 10) + 8192 + 16384}" in cfg.read_text()
     asyncio.run(haproxy.check_config(cfg))

@@ -62,7 +62,7 @@ def test_the_front_manifest_renders_a_config_haproxy_accepts(tmp_path: Path) -> 
     args = build_parser().parse_args(container(manifests()["Deployment", "vqa-front"])["args"])
     options = cluster_options(args)
     options.runtime_dir = tmp_path
-    cfg = Cluster(options, settings_from_args(args, env={}))._render()
+    cfg = Cluster(options, settings_from_args(args, env={})).render()
     asyncio.run(haproxy.check_config(cfg))  # parses only: resolvers and the name are not queried
     text = cfg.read_text()
     assert "server-template dns 16 vqa-workers.vqa.svc.cluster.local:8000" in text

@@ -11,8 +11,8 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from vqa_async.core.service import VqaService
 from vqa_async.config import Settings
+from vqa_async.core.service import VqaService
 from vqa_async.http import handlers, openai_api, page
 from vqa_async.http.accesslog import AccessLog
 from vqa_async.http.auth import Auth, KeyRing, auth_middleware
@@ -93,3 +93,25 @@ async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:
     if installed:
         loop.remove_signal_handler(signal.SIGHUP)
     app[ACCESS_LOG].close()
+
+
+def serve(settings: Settings) -> None:
+    """One `vqa-async serve` process, until SIGTERM: what the command line and the cluster's warm spare run."""
+    from vqa_async.http import server
+
+    app = init_app(settings)
+    if settings.loop == "uvloop":
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    scheme = "https" if settings.tls_cert else "http"
+    where = f"unix:{settings.unix_socket}" if settings.unix_socket else f"{scheme}://{settings.host}:{settings.port}"
+    top = logging.getLogger("vqa_async")
+    top.info("serving on %s", where)
+    # SIGTERM/SIGINT: stop accepting, let the handlers in flight (and so everything queued) finish, then the
+    # cleanup_ctx stops the batcher and the model thread. A client that disconnects cancels its handler, so
+    # its work is skipped before it reaches the model.
+    server.run(app, settings, loop)
+    top.info("stopped")

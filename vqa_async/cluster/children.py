@@ -8,7 +8,10 @@ terminal reaches the supervisor alone, which then stops them in order (HAProxy f
 
 A new `vqa-async serve` spends most of its start importing torch and ModelScope; the model itself maps in a
 fraction of that. The spare (`python -m vqa_async.cluster.spare`) imports everything and waits on its stdin;
-when a worker dies the supervisor writes it that worker's command line and it loads the model at once.
+when a worker dies the supervisor writes it that worker's settings and it loads the model at once.
+
+A worker's settings travel as one object, its `VQA_*` variables (config.settings_env): in the environment of a
+worker started cold (`vqa-async serve`), as one JSON line on a spare's stdin.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from vqa_async.cluster import metrics_dir
+from vqa_async.config import Settings, settings_env
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +112,15 @@ class SparePool:
         self._spares.sort(key=lambda p: p.pid not in self._ready)  # the ready ones first
         return self._spares
 
-    async def take(self, argv: list[str]) -> asyncio.subprocess.Process | None:
-        """A spare running `vqa-async *argv`, or None if there is none (the caller starts one cold)."""
+    async def take(self, env: dict[str, str]) -> asyncio.subprocess.Process | None:
+        """A spare serving with the settings `env` (VQA_* variables), or None if there is none (the caller
+        starts one cold)."""
         while self._alive():
             proc = self._spares.pop(0)
             self._ready.discard(proc.pid)
             assert proc.stdin is not None
             try:
-                proc.stdin.write(json.dumps(argv).encode() + b"\n")
+                proc.stdin.write(json.dumps(env).encode() + b"\n")
                 await proc.stdin.drain()
                 proc.stdin.close()
             except (BrokenPipeError, ConnectionResetError):  # it died meanwhile: try the next, or start cold
@@ -143,3 +151,43 @@ class SparePool:
                 proc.kill()
             await proc.wait()
         self._spares.clear()
+
+
+def serve_command() -> list[str]:
+    """`vqa-async` as `ps` will show it: the console script next to this Python, if installed."""
+    script = Path(sys.executable).parent / "vqa-async"
+    return [sys.executable, str(script)] if script.exists() else [sys.executable, "-m", "vqa_async.cli"]
+
+
+class Launcher:
+    """Starts a worker's `vqa-async serve`: a warm spare if one waits, else a fresh interpreter. Every local worker
+    writes its metrics into the cluster's metrics directory, whose files for a process are marked dead when it
+    exits."""
+
+    def __init__(self, spares: SparePool, env: dict[str, str], metrics: Path) -> None:
+        self.spares = spares
+        self.env = env  # the supervisor's environment with the metrics directory
+        self.metrics = metrics
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    async def start(self, settings: Settings, warm: bool = True) -> tuple[asyncio.subprocess.Process, str]:
+        """The process and how it was started ("warm spare" or "cold")."""
+        env = settings_env(settings)
+        proc = await self.spares.take(env) if warm else None
+        how = "warm spare" if proc else "cold"
+        if proc is None:
+            proc = await start_child(*serve_command(), "serve", env={**self.env, **env}, ignore_hup=True)
+        watcher = asyncio.ensure_future(self._forget_metrics_on_exit(proc))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        return proc, how
+
+    async def _forget_metrics_on_exit(self, proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()
+        metrics_dir.forget(proc.pid, self.metrics)
+
+    async def close(self) -> None:
+        """After the workers stopped: the spares go, and nothing is left watching."""
+        for t in list(self._watchers):
+            t.cancel()
+        await asyncio.gather(*self._watchers, self.spares.close(), return_exceptions=True)

@@ -24,7 +24,9 @@ from vqa_async.cluster.runtime import (
     runtime_dir_for,
     write_json,
 )
-from vqa_async.model.architecture import WEIGHTS_NAME
+from vqa_async.model.files import WEIGHTS_NAME
+
+RELOAD_WAIT_S = 900.0  # `cluster reload --wait-s`: how long it waits for the outcome
 
 
 class NoCluster(RuntimeError):
@@ -56,7 +58,7 @@ def cluster_pid(port: int, rdir: Path) -> int:
 
 
 def request_reload(port: int, model: str | None = None, runtime_dir: Path | None = None,
-                   wait_s: float = 900.0) -> ReloadOutcome:
+                   wait_s: float = RELOAD_WAIT_S) -> ReloadOutcome:
     rdir = runtime_dir or runtime_dir_for(port)
     pid = cluster_pid(port, rdir)
     if model:

@@ -18,6 +18,7 @@ import jinja2
 
 from vqa_async.cluster.backends import DnsBackends
 from vqa_async.cluster.children import start_child
+from vqa_async.cluster.options import RETRYABLE_BODY_BYTES
 from vqa_async.http import tls_profile
 from vqa_async.http.errors import error_body
 
@@ -35,10 +36,6 @@ EDGE_ERRORS = [
     (503, "overloaded", "no worker could take the request in time; retry shortly", 1),
     (504, "timeout", "no worker answered in time", None),
 ]
-# Uploads up to this size are held whole by HAProxy and so survive a dying worker (see the template). The buffer
-# costs CPU in proportion to its size on every request: on the 2-core test box HAProxy took 0.19 ms per request
-# with 1 MiB and 0.07 ms with 128 KiB (bench/breakdown.py). `cluster --retry-body-kb` sets it.
-RETRYABLE_BODY_BYTES = 1 << 20
 MAXREWRITE = 8192  # buffer room HAProxy keeps for rewriting headers
 HEADERS_ROOM = 16384  # the request's own headers, beside the body
 RATE_WINDOW_S = 10

@@ -89,6 +89,10 @@ class Liveness:
             return f"not ready within {self.ready_timeout_s:.0f} s of its start"
         return None
 
+    def saw_ready(self) -> None:
+        """Somebody else saw the process ready (the start, a reload): it counts as having been ready."""
+        self.alive_seen = self.ready_seen = True
+
     def paused(self) -> None:
         """The process is stopped: whatever it did not answer meanwhile does not count against it."""
         self.silent_since = self.unready_since = None

@@ -4,7 +4,8 @@ becomes ready, it goes back to the model it had, the reload stops, and `cluster 
 
 SIGUSR2 starts one; `vqa-async cluster reload` (control.py) leaves a request file with an id in the runtime
 directory first, and finds its outcome in `reload-result-ID.json`. (SIGHUP is not a reload: the workers re-read
-their keys and reopen their logs, supervisor.py.)
+their keys and reopen their logs, supervisor.py.) The reload speaks to the workers only through their public
+face (workers.py): `restart`, `wait_ready`, a Trial it decides.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+from vqa_async.cluster.haproxy import RuntimeApi
 from vqa_async.cluster.runtime import read_json, write_json
-
-if TYPE_CHECKING:
-    from vqa_async.cluster.supervisor import Cluster, Worker
+from vqa_async.cluster.workers import NotReady, Trial, Worker
 
 log = logging.getLogger(__name__)
 
@@ -30,82 +32,99 @@ class ReloadFailed(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class ReloadTiming:
+    drain_s: float  # how long a drained worker may take to finish what it holds
+    stop_grace_s: float  # SIGTERM to SIGKILL for the old process
+    ready_timeout_s: float  # how long the new process may take to get ready
 
-async def rolling_reload(cl: Cluster, model: str | None = None) -> None:
-    """Each worker in turn: drain, restart (onto `model`), wait ready, re-enable. Raises ReloadFailed if a
-    worker never becomes ready: that worker goes back to its previous model and the reload stops."""
-    async with cl._reloading:
-        target = model or cl.good_model
-        log.info("rolling reload of %d workers%s", len(cl.workers), f" onto {model}" if model else "")
-        for w in cl.workers:
-            if cl._stopping.is_set():
-                raise ReloadFailed("the cluster is stopping")
-            previous = w.model
-            await cl.api.set_state(w.name, "drain")
-            await _wait_idle(cl, w, timeout=cl.serve.timeout_s + 5)
-            proc = await cl._restart(w, target, cl.serve.shutdown_timeout_s + 5, trial=True)
+
+class Reloader:
+    """Owns the cluster's good model: the last one every worker was ready on, where failures go back to."""
+
+    def __init__(self, workers: Sequence[Worker], api: RuntimeApi, runtime_dir: Path, timing: ReloadTiming,
+                 model: str | None, stopping: asyncio.Event, on_change: Callable[[], None] = lambda: None) -> None:
+        self.workers = workers
+        self.api = api
+        self.runtime_dir = runtime_dir
+        self.timing = timing
+        self._model = model
+        self._stopping = stopping
+        self._on_change = on_change  # the supervisor records the good model in state.json
+        self._lock = asyncio.Lock()
+
+    @property
+    def model(self) -> str | None:
+        return self._model
+
+    async def rolling_reload(self, model: str | None = None) -> None:
+        """Each worker in turn: drain, restart (onto `model`), wait ready, re-enable. Raises ReloadFailed if a
+        worker never becomes ready: that worker goes back to its previous model and the reload stops."""
+        async with self._lock:
+            target = model or self._model
+            log.info("rolling reload of %d workers%s", len(self.workers), f" onto {model}" if model else "")
+            for w in self.workers:
+                if self._stopping.is_set():
+                    raise ReloadFailed("the cluster is stopping")
+                await self._reload_one(w, target)
+                self._model = target  # ready on it: a worker that dies from now on restarts onto it
+                await self.api.set_state(w.name, "ready")
+                await self._wait_row(w, lambda row: row.get("status", "").startswith("UP"), timeout=10)
+                self._on_change()
+                log.info("worker %s reloaded", w.name)
+            log.info("rolling reload done")
+
+    async def _reload_one(self, w: Worker, target: str | None) -> None:
+        previous = w.model
+        await self.api.set_state(w.name, "drain")
+        if not await self._wait_row(w, lambda row: int(row.get("scur") or 0) == 0 and int(row.get("qcur") or 0) == 0,
+                                    self.timing.drain_s):
+            log.warning("worker %s still busy after %.0fs of draining", w.name, self.timing.drain_s)
+        trial = Trial(previous)
+        proc = await w.restart(target, self.timing.stop_grace_s, trial)
+        try:
+            await w.wait_ready(proc, self.timing.ready_timeout_s)
+            trial.accept()
+        except NotReady as e:
+            log.error("reload stopped: %s; worker %s goes back to %s", e, w.name, previous or "demo")
+            proc = await w.restart(previous, ROLLBACK_GRACE_S)
+            with contextlib.suppress(NotReady):
+                await w.wait_ready(proc, self.timing.ready_timeout_s)
+            await self.api.set_state(w.name, "ready")
+            raise ReloadFailed(f"{e} on {target or 'the demo model'}; it is back on "
+                               f"{previous or 'the demo model'} and the reload stopped") from None
+
+    async def _wait_row(self, w: Worker, done: Callable[[dict[str, str]], bool], timeout: float) -> bool:
+        """Polls HAProxy's stats row of `w` until `done(row)`; False if `timeout` passes first."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if done((await self.api.stats()).get(w.name, {})):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def serve_requests(self) -> None:
+        """SIGUSR2: serves each `cluster reload` request waiting in the runtime directory, or a plain reload."""
+        requests = sorted(self.runtime_dir.glob("reload-request-*.json"), key=lambda p: p.stat().st_mtime)
+        if not requests:  # `kill -USR2`: nobody waits for the outcome but the log
             try:
-                await cl._wait_ready(w, proc, cl.opt.ready_timeout_s)
-                w.on_trial = None
+                await self.rolling_reload()
+            except ReloadFailed:
+                pass  # logged where it failed
+            except Exception:
+                log.exception("rolling reload failed")
+            return
+        for path in requests:
+            request: dict[str, Any] = {}
+            try:
+                request = read_json(path)
+                path.unlink()
+                await self.rolling_reload(request.get("model"))
+                result = {"id": request.get("id"), "ok": True, "model": self._model}
             except ReloadFailed as e:
-                log.error("reload stopped: %s; worker %s goes back to %s", e, w.name, previous or "demo")
-                proc = await cl._restart(w, previous, ROLLBACK_GRACE_S)
-                with contextlib.suppress(ReloadFailed):
-                    await cl._wait_ready(w, proc, cl.opt.ready_timeout_s)
-                await cl.api.set_state(w.name, "ready")
-                raise ReloadFailed(f"{e} on {target or 'the demo model'}; it is back on "
-                                   f"{previous or 'the demo model'} and the reload stopped") from None
-            cl.good_model = target  # ready on it: a worker that dies from now on restarts onto it
-            cl.serve = cl.serve.replace(model=target)
-            await cl.api.set_state(w.name, "ready")
-            await _wait_up(cl, w, timeout=10)
-            cl._write_state()
-            log.info("worker %s reloaded", w.name)
-        log.info("rolling reload done")
-
-
-async def _wait_row(cl: Cluster, w: Worker, done: Callable[[dict[str, str]], bool], timeout: float) -> bool:
-    """Polls HAProxy's stats row of `w` until `done(row)`; False if `timeout` passes first."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if done((await cl.api.stats()).get(w.name, {})):
-            return True
-        await asyncio.sleep(0.1)
-    return False
-
-
-async def _wait_idle(cl: Cluster, w: Worker, timeout: float) -> None:
-    if not await _wait_row(cl, w, lambda row: int(row.get("scur") or 0) == 0 and int(row.get("qcur") or 0) == 0,
-                           timeout):
-        log.warning("worker %s still busy after %.0fs of draining", w.name, timeout)
-
-
-async def _wait_up(cl: Cluster, w: Worker, timeout: float) -> None:
-    await _wait_row(cl, w, lambda row: row.get("status", "").startswith("UP"), timeout)
-
-
-async def serve_requests(cl: Cluster) -> None:
-    """SIGUSR2: serves each `cluster reload` request waiting in the runtime directory, or a plain reload."""
-    requests = sorted(cl.runtime_dir.glob("reload-request-*.json"), key=lambda p: p.stat().st_mtime)
-    if not requests:  # `kill -USR2`: nobody waits for the outcome but the log
-        try:
-            await rolling_reload(cl)
-        except ReloadFailed:
-            pass  # logged where it failed
-        except Exception:
-            log.exception("rolling reload failed")
-        return
-    for path in requests:
-        request: dict[str, Any] = {}
-        try:
-            request = read_json(path)
-            path.unlink()
-            await rolling_reload(cl, request.get("model"))
-            result = {"id": request.get("id"), "ok": True, "model": cl.good_model}
-        except ReloadFailed as e:
-            result = {"id": request.get("id"), "ok": False, "reason": str(e), "model": cl.good_model}
-        except Exception as e:  # a bug or HAProxy's runtime API failing: the log has the traceback
-            log.exception("rolling reload failed")
-            result = {"id": request.get("id"), "ok": False, "reason": str(e), "model": cl.good_model}
-        if request.get("id"):
-            write_json(cl.runtime_dir / f"reload-result-{request['id']}.json", result)
+                result = {"id": request.get("id"), "ok": False, "reason": str(e), "model": self._model}
+            except Exception as e:  # a bug or HAProxy's runtime API failing: the log has the traceback
+                log.exception("rolling reload failed")
+                result = {"id": request.get("id"), "ok": False, "reason": str(e), "model": self._model}
+            if request.get("id"):
+                write_json(self.runtime_dir / f"reload-result-{request['id']}.json", result)

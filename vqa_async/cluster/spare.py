@@ -1,11 +1,11 @@
-"""A warm spare worker: imports what `vqa-async serve` needs, then waits for its command line on stdin.
+"""A warm spare worker: imports what `vqa-async serve` needs, then waits for its settings on stdin.
 
-    python -m vqa_async.cluster.spare        stdin: one JSON line, the `vqa-async` arguments to run
-                                             stdout: `ready` once its imports are done
+    python -m vqa_async.cluster.spare        stdin: one JSON line, the worker's settings as VQA_* variables
+                                             (config.settings_env); stdout: `ready` once its imports are done
 
-The supervisor keeps one waiting (see children.SparePool). Nothing is loaded onto a device before the command
-line arrives, so the spare can become a worker on any device. End of input (the supervisor retired it or
-died) ends it quietly.
+The supervisor keeps one waiting (see children.SparePool). Nothing is loaded onto a device before the settings
+arrive, so the spare can become a worker on any device; it then serves as `vqa-async serve` would with those
+variables (vqa_async.app.serve). End of input (the supervisor retired it or died) ends it quietly.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ def main() -> int:
     # What a worker imports before it can load a model: the interpreter start that a restart should not pay.
     import uvloop  # noqa: F401
 
-    import vqa_async.app  # noqa: F401  (aiohttp, the handlers, the batcher)
     import vqa_async.model.loader  # noqa: F401  (torch, ModelScope's mPLUG, safetensors)
-    from vqa_async import cli
+    from vqa_async.app import serve  # aiohttp, the handlers, the batcher
+    from vqa_async.config import Settings
+    from vqa_async.http.tracing import setup_logging
+    from vqa_async.model.files import ModelLoadError
 
     # Tell the supervisor the imports are paid for, then hand stdout over to stderr: nobody reads the pipe after.
     sys.stdout.write("ready\n")
@@ -30,9 +32,15 @@ def main() -> int:
     line = sys.stdin.readline()
     if not line.strip():
         return 0
-    argv = [str(a) for a in json.loads(line)]
-    sys.argv = ["vqa-async", *argv]  # as a cold-started worker would see it
-    return cli.main(argv)
+    env = {str(k): str(v) for k, v in json.loads(line).items()}
+    try:
+        settings = Settings.from_env(env)
+        setup_logging(settings.log_level)
+        serve(settings)
+    except (ModelLoadError, ValueError, OSError) as e:  # as `vqa-async serve` reports them
+        print(f"vqa-async serve: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

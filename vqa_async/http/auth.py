@@ -130,6 +130,10 @@ class Auth:
         return path in ("/metrics", SUM_ROUTE) and not self.metrics_need_key
 
 
+# Beside its type: the middleware below reads it without importing keys.py (which lists it with the others).
+AUTH = web.AppKey("auth", Auth)
+
+
 def presented_keys(request: web.Request) -> list[str]:
     """Every credential the request carries. Each one must be valid: a bad `Authorization` next to a good
     `X-API-Key` is refused, not skipped (a client sending a wrong credential should learn of it)."""
@@ -180,8 +184,6 @@ def _in(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: tuple[Network, 
 
 def form_client(request: web.Request, api_key: str | None) -> Client:
     """The client of the page's form post: its `api_key` field, or a key in a header."""
-    from vqa_async.http.keys import AUTH  # keys.py names this module's types
-
     auth = request.app[AUTH]
     if auth.keys is None:
         return request[CLIENT]
@@ -204,8 +206,6 @@ def form_client(request: web.Request, api_key: str | None) -> Client:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    from vqa_async.http.keys import AUTH
-
     auth = request.app[AUTH]
     if auth.keys is None:
         request[CLIENT] = Client(client_address(request, auth.trusted))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from vqa_async.core.service import Outcome
+if TYPE_CHECKING:  # the HAProxy renderer imports errors.py, hence this module: no model stack at run time
+    from vqa_async.core.service import Outcome
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,6 @@ class Client:
 REQUEST_ID = web.RequestKey("request_id", str)
 TRACEPARENT = web.RequestKey("traceparent", str)  # set only when the client sent a valid one
 CLIENT = web.RequestKey("client", Client)  # absent on an open route when keys are on
-OUTCOME = web.RequestKey("outcome", Outcome)  # the service's timings, once answered
+OUTCOME: web.RequestKey[Outcome] = web.RequestKey("outcome")  # the service's timings, once answered
 QUESTIONS = web.RequestKey("questions", int)
 ERROR_CODE = web.RequestKey("error_code", str)

@@ -57,6 +57,15 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+def setup_logging(level: str = "INFO") -> None:
+    """The log format of every process: `rid` is the X-Request-ID of the request being served ("-" outside one),
+    so that a client's report finds its lines."""
+    logging.basicConfig(level=level,
+                        format="%(asctime)s %(levelname)s %(name)s [%(process)d] rid=%(request_id)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
+
+
 def server_timing(request: web.Request, latency_s: float) -> str:
     parts = []
     if (out := request.get(OUTCOME)) is not None:

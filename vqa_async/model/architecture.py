@@ -27,10 +27,11 @@ from modelscope.models.multi_modal.mplug.clip.clip import VisualTransformer
 from modelscope.models.multi_modal.mplug.modeling_mplug import CONFIG_NAME, MPlugForVisualQuestionAnswering
 from torch import nn
 
+from vqa_async.model.files import WEIGHTS_NAME as WEIGHTS_NAME
+
 BERT_CONFIG_NAME = "config_bert.json"
 VOCAB_NAME = "vocab.txt"
 CONFIGURATION_NAME = "configuration.json"
-WEIGHTS_NAME = "model.safetensors"
 
 # The output projection of the answer decoder shares its weight with the decoder's word embeddings, as in BERT.
 TIED_DECODER_WEIGHT = "text_decoder.cls.predictions.decoder.weight"

@@ -28,6 +28,7 @@ from vqa_async.model.architecture import (
     read_config,
     serving_keys,
 )
+from vqa_async.model.files import ModelLoadError as ModelLoadError
 from vqa_async.model.memory import memory_report
 from vqa_async.model.preprocess import QuestionTokenizer
 
@@ -36,10 +37,6 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo"
-
-
-class ModelLoadError(Exception):
-    """A model directory that cannot be served; the message is one line that says what to fix."""
 
 
 @dataclass
