@@ -4,86 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
-from vqa_async.cluster.backends import DNS_SLOTS
-
-if TYPE_CHECKING:
-    from vqa_async.cluster.supervisor import ClusterOptions
-
-log = logging.getLogger("vqa_async")
-
-
-def _setup_logging(level: str = "INFO") -> None:
-    from vqa_async.http.tracing import RequestIdFilter
-
-    # `rid` is the X-Request-ID of the request being served ("-" outside one): a client's report finds its lines
-    logging.basicConfig(level=level,
-                        format="%(asctime)s %(levelname)s %(name)s [%(process)d] rid=%(request_id)s %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RequestIdFilter())
+from vqa_async.cluster.options import cluster_options as cluster_options  # tests render the front with it
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from vqa_async.app import init_app
+    from vqa_async.app import serve
     from vqa_async.config import settings_from_args
-    from vqa_async.http import server
 
-    settings = settings_from_args(args)
-    app = init_app(settings)
-    if settings.loop == "uvloop":
-        import uvloop
-
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    else:
-        loop = asyncio.new_event_loop()
-    scheme = "https" if settings.tls_cert else "http"
-    where = f"unix:{settings.unix_socket}" if settings.unix_socket else f"{scheme}://{settings.host}:{settings.port}"
-    log.info("serving on %s", where)
-    # SIGTERM/SIGINT: stop accepting, let the handlers in flight (and so everything queued) finish, then the
-    # cleanup_ctx stops the batcher and the model thread. A client that disconnects cancels its handler, so
-    # its work is skipped before it reaches the model.
-    server.run(app, settings, loop)
-    log.info("stopped")
+    serve(settings_from_args(args))
     return 0
-
-
-def cluster_options(args: argparse.Namespace) -> ClusterOptions:
-    """`vqa-async cluster`'s flags as ClusterOptions (tests/test_deploy.py renders the manifests' front with it)."""
-    from pathlib import Path
-
-    from vqa_async.cluster.backends import parse_backend, parse_backend_dns
-    from vqa_async.cluster.supervisor import ClusterOptions
-
-    remote = [parse_backend(b) for b in args.backend or []]
-    dns = parse_backend_dns(args.backend_dns, args.resolver, args.backend_dns_slots) if args.backend_dns else None
-    if args.resolver and not dns:
-        raise ValueError("--resolver only applies to --backend-dns")
-    if args.workers < 0 or (args.workers == 0 and not remote and not dns):
-        raise ValueError("--workers 0 needs workers elsewhere: --backend HOST:PORT or --backend-dns NAME:PORT")
-    if (args.front_tls_cert is None) != (args.front_tls_key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if args.front_tls_cert:
-        from vqa_async.cluster.tls import check_pair
-
-        check_pair(args.front_tls_cert, args.front_tls_key)
-    if args.rate_limit < 0:
-        raise ValueError("--rate-limit must be 0 (no limit) or more")
-    return ClusterOptions(workers=args.workers, host=args.host, port=args.port, stats_port=args.stats_port,
-                          devices=[d for d in (args.devices or "").split(",") if d], backends=remote,
-                          backend_dns=dns, queue_timeout_s=args.queue_timeout_s, server_maxconn=args.server_maxconn,
-                          runtime_dir=Path(args.runtime_dir) if args.runtime_dir else None,
-                          haproxy_log=args.haproxy_log, retry_body_bytes=args.retry_body_kb * 1024,
-                          ready_timeout_s=args.ready_timeout_s, unready_restart_s=args.unready_restart_s,
-                          spares=args.spares, max_conn_per_source=args.max_conn_per_source,
-                          rate_limit_per_source=args.rate_limit_per_source, rate_limit=args.rate_limit,
-                          tls_cert=args.front_tls_cert, tls_key=args.front_tls_key)
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -92,8 +25,6 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
     from vqa_async.cluster.control import NoCluster, request_reload
     from vqa_async.cluster.runtime import RuntimeDirError
-    from vqa_async.cluster.supervisor import Cluster
-    from vqa_async.config import settings_from_args
 
     if args.action == "reload":
         try:
@@ -108,6 +39,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print(f"cluster (pid {outcome.pid}) on port {args.port} reloaded: every worker runs "
               f"{outcome.model or 'the demo model'}")
         return 0
+    from vqa_async.cluster.supervisor import Cluster
+    from vqa_async.config import settings_from_args
+
     settings = settings_from_args(args)
     try:
         return asyncio.run(Cluster(cluster_options(args), settings).run())
@@ -136,9 +70,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from vqa_async.model.loader import parse_dtype
-    from vqa_async.tools.convert import convert
+    from vqa_async.tools.convert import ConvertError, convert
 
-    report = convert(args.src, args.dst, dtype=parse_dtype(args.dtype))
+    try:
+        report = convert(args.src, args.dst, dtype=parse_dtype(args.dtype))
+    except ConvertError as e:
+        raise ValueError(str(e)) from e  # reported as any bad input is, by main
     for line in report.lines():
         print(line)
     print(f"wrote {args.dst}")
@@ -162,17 +99,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return batch_job.main(args)
 
 
-def _at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from vqa_async.cluster.options import add_arguments as cluster_arguments
     from vqa_async.config import add_arguments
 
     p = argparse.ArgumentParser(prog="vqa-async", description="Serve ModelScope's mPLUG VQA model.")
@@ -184,55 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     cl = sub.add_parser("cluster", help="N serve processes behind HAProxy, supervised (the main job)")
-    cl.add_argument("action", nargs="?", choices=["run", "reload"], default="run",
-                    help="run (default), or reload: a rolling reload of the cluster running on --port")
-    cl.add_argument("--workers", type=int, default=2, help="serve processes on this machine (0: only remote ones)")
-    cl.add_argument("--host", default="127.0.0.1", help="address HAProxy listens on")
-    cl.add_argument("--port", type=int, default=8080, help="HAProxy's port: the single entry point")
-    cl.add_argument("--stats-port", type=int, default=0, help="HAProxy stats page and /metrics (default port+1)")
-    cl.add_argument("--devices", default=None, help="spread workers over these, e.g. cuda:0,cuda:1")
-    cl.add_argument("--backend", action="append", help="HOST:PORT of a `vqa-async serve` elsewhere (repeatable)")
-    cl.add_argument("--backend-dns", default=None, metavar="NAME:PORT",
-                    help="a DNS name whose A records are `vqa-async serve` hosts (e.g. a Kubernetes headless "
-                         "Service); HAProxy re-resolves it every second and adds or removes workers without a reload")
-    cl.add_argument("--resolver", default=None, metavar="IP:PORT",
-                    help="the DNS server for --backend-dns (default: the nameservers of /etc/resolv.conf)")
-    cl.add_argument("--backend-dns-slots", type=int, default=DNS_SLOTS,
-                    help="the most workers --backend-dns may list (HAProxy's server-template slots)")
-    cl.add_argument("--queue-timeout-s", type=float, default=5.0, help="HAProxy queue wait before a 503")
-    cl.add_argument("--server-maxconn", type=int, default=0, help="requests in flight per worker (0: 2x batch)")
-    cl.add_argument("--haproxy-log", action="store_true",
-                    help="HAProxy's request log on stderr: one JSON line per request, the access log's keys")
-    cl.add_argument("--retry-body-kb", type=_at_least(16), default=1024,
-                    help="uploads up to this size are retried on another worker if theirs dies (HAProxy buffers "
-                         "them; a bigger buffer costs HAProxy more CPU per request)")
-    cl.add_argument("--runtime-dir", default=None,
-                    help="where haproxy.cfg, its socket and state.json live (default /tmp/vqa-async-cluster-PORT; "
-                         "created 0700, refused if another user owns it or others may write it)")
-    cl.add_argument("--ready-timeout-s", type=float, default=300.0,
-                    help="a worker not ready this long after its start is restarted; a reload onto a model no "
-                         "worker gets ready on within it is rolled back")
-    cl.add_argument("--unready-restart-s", type=float, default=10.0,
-                    help="liveness: restart a worker whose /readyz fails this long after it was ready, or whose "
-                         "/healthz does not answer this long")
-    cl.add_argument("--spares", type=_at_least(0), default=1,
-                    help="warm pre-imported processes kept waiting to replace a dead worker in seconds (0: none)")
-    cl.add_argument("--max-conn-per-source", type=_at_least(0), default=256,
-                    help="connections one client address may hold open; more get 429 (0: no limit)")
-    cl.add_argument("--rate-limit-per-source", type=float, default=0.0,
-                    help="requests per second one client address may send, averaged over 10 s; more get 429 "
-                         "(0: no limit)")
-    # The front's TLS and per-client rate: HAProxy's, so not passed on to the workers (hence their own dests).
-    cl.add_argument("--tls-cert", dest="front_tls_cert", default=None, metavar="PEM",
-                    help="HAProxy serves HTTPS (HTTP/2 and 1.1) with this certificate (chain); needs --tls-key")
-    cl.add_argument("--tls-key", dest="front_tls_key", default=None, metavar="PEM", help="the key of --tls-cert")
-    cl.add_argument("--rate-limit", type=float, default=0.0, metavar="R",
-                    help="requests per second one client may send, averaged over 10 s; the client is its API key "
-                         "(Authorization or X-API-Key) or else its address; more get 429 (0: no limit)")
-    cl.add_argument("--wait-s", type=float, default=900.0,
-                    help="reload: how long to wait for the outcome")
-    # TLS is terminated by the cluster's HAProxy, not by its workers
-    add_arguments(cl, exclude=("host", "port", "unix_socket", "log_level", "tls_cert", "tls_key"))
+    cluster_arguments(cl)
     cl.set_defaults(func=cmd_cluster)
 
     ev = sub.add_parser("eval", help="accuracy on the easy-VQA test split")
@@ -289,13 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.log_level = level
     if args.command == "batch":  # a client of a server: none of the server's stack (torch) to import
         return int(args.func(args))
-    _setup_logging(level)
-    from vqa_async.model.loader import ModelLoadError
-    from vqa_async.tools.convert import ConvertError
+    from vqa_async.http.tracing import setup_logging
+    from vqa_async.model.files import ModelLoadError  # not loader.py: `cluster` never imports torch
 
+    setup_logging(level)
     try:
         return int(args.func(args))
-    except (ModelLoadError, ConvertError, ValueError, OSError) as e:
+    except (ModelLoadError, ValueError, OSError) as e:
         print(f"vqa-async {args.command}: error: {e}", file=sys.stderr)
         return 2
 

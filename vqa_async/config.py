@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import ipaddress
 import os
@@ -18,12 +19,15 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _default_device() -> str:
-    try:
-        import torch
+    from vqa_async.devices import default_device  # without torch: the cluster's supervisor resolves `auto` too
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return "cpu"
+    return default_device()
+
+
+# Variables of ours that are not settings (the test faults' file and demo model, the bench's photo set): allowed
+# beside the settings' own. Any other VQA_* is a mistake, refused at start (a misspelled VQA_API_KEYS must not
+# start a server without authentication).
+OTHER_ENV = frozenset({"VQA_TEST_FAULT_FILE", "VQA_TEST_DEMO_DIR", "VQA_PHOTOS_DIR"})
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
         env = dict(os.environ if env is None else env)
+        check_env(env)
         values: dict[str, Any] = {}
         for f in fields(cls):
             key = ENV_PREFIX + f.name.upper()
@@ -196,6 +201,26 @@ class Settings:
                 values[f.name] = _coerce(f, env[key])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def check_env(env: dict[str, str]) -> None:
+    """Refuses a VQA_* variable that names no setting, with the closest setting's variable."""
+    known = sorted(ENV_PREFIX + f.name.upper() for f in fields(Settings))
+    for key in sorted(env):
+        if key.startswith(ENV_PREFIX) and key not in known and key not in OTHER_ENV:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"unknown environment variable {key}: {hint}Every {ENV_PREFIX}* variable names a "
+                             "setting (--help lists them); unset it or correct its name")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every setting as its VQA_* variable (empty for None): how the cluster hands a worker, or its warm spare,
+    its settings; `Settings.from_env` reads them back unchanged."""
+    def text(value: Any) -> str:
+        return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    return {ENV_PREFIX + f.name.upper(): text(getattr(settings, f.name)) for f in fields(Settings)}
 
 
 def _media_host(entry: str) -> str:
@@ -215,7 +240,7 @@ def _media_host(entry: str) -> str:
 
 
 def parse_bool(raw: str) -> bool:
-    """`true`/`false` and friends: the cluster passes every setting on as `--x VALUE`, booleans too."""
+    """`true`/`false` and friends, for a VQA_* variable or a boolean flag given a value (`--exact-preprocess no`)."""
     low = raw.strip().lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -247,7 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()
         kind = str(f.type)
         typ: Any = int if kind.startswith("int") else float if kind.startswith("float") else str
         env = ENV_PREFIX + f.name.upper()
-        if kind == "bool":  # `--exact-preprocess` alone, or with a value (the cluster passes `--x False` on)
+        if kind == "bool":  # `--exact-preprocess` alone, or with a value (`--exact-preprocess false`)
             parser.add_argument("--" + f.name.replace("_", "-"), type=parse_bool, nargs="?", const=True, default=None,
                                 help=f"{f.metadata.get('help', '')} [env {env}, default {f.default}]")
             continue
