@@ -19,9 +19,9 @@ test: install-test system  ## the whole suite (CI runs exactly this)
 	$(VENV)/bin/mypy vqa_async
 	$(PY) -m pytest
 
-bench: install-test system  ## baseline, serve, cluster and ceiling side by side on the demo model -> bench/out
-	$(PY) bench/run.py --systems baseline,serve,cluster,ceiling --concurrency 1,8,32,100 --requests 3000 \
-	  --out bench/out
+bench: install-test system  ## baseline, serve, cluster, ceiling and LitServe on new uploads, demo model -> bench/out
+	$(PY) -m bench sweep --systems baseline,serve,cluster,ceiling,litserve --concurrency 1,8,32,100 \
+	  --workload distinct --repeats 3 --requests 600 --out bench/out
 
 system:  ## Debian packages: HAProxy (the front), Chromium + driver (page tests), ab (load checks),
          ## iproute2 + dnsmasq (network-namespace hosts and DNS discovery in tests/test_fleet.py),
