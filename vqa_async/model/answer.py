@@ -2,8 +2,9 @@
 
 ModelScope's pipeline answers one pair at a time (`MPlugForAllTasks.forward` decodes only sample 0). Here one
 call answers N (image, question) pairs: the vision encoder runs once per *distinct* image, and the rest is the
-model's own `forward(train=False)` split in two at the image embeddings, so that those can be shared between
-questions and cached between requests. `tests/test_answer.py` pins that this gives exactly what `forward` gives.
+model's own `forward(train=False)` split in two at the image embeddings (`forward.py`), so that those can be
+shared between questions and cached between requests. `tests/test_answer.py` pins that this gives exactly what
+`forward` gives.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from vqa_async.model.architecture import ServingMPlugVQA
 from vqa_async.model.decoder import FastDecoder
+from vqa_async.model.forward import fuse, project_image
 from vqa_async.model.preprocess import EncodedQuestions, QuestionTokenizer, normalize_pixels
 
 
@@ -71,10 +73,8 @@ class Answerer:
             pixels = normalize_pixels(pixels.to(self.device, non_blocking=True))
         image = pixels.to(self.device, self.dtype, non_blocking=True)
         with self._pausing(pause):
-            embeds = m.visual_encoder.visual(image, skip_last_layer=True)
-        if m.large:
-            embeds = m.dropout(m.visn_layer_norm(m.visn_fc(embeds)))
-        return embeds
+            vision_out = m.visual_encoder.visual(image, skip_last_layer=True)
+        return project_image(m, vision_out)
 
     @torch.inference_mode()
     def answer_embedded(self, image_embeds: torch.Tensor, questions: EncodedQuestions,
@@ -82,19 +82,13 @@ class Answerer:
         """Answers N questions, row i about `image_embeds[i]`: the text half of `forward(train=False)`.
 
         `pause`, if given, is called between stages (after each encoder layer, and between the fast decoder's
-        steps): the executor answers a newly arrived client's request there. It changes no tensor of this call."""
+        steps): the batching runtime answers a newly arrived client's request there. It changes no tensor of this
+        call."""
         m = self.model
         image_embeds = image_embeds.to(self.device, self.dtype)
-        input_ids = questions.input_ids.to(self.device)
-        attention_mask = questions.attention_mask.to(self.device)
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         with self._pausing(pause):
-            text_embeds = m.text_encoder(input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-            image_output, question_output = m.fusion_encoder(
-                encoder_embeds=text_embeds, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                encoder_attention_mask=image_atts, return_dict=False)
-        states = torch.cat([image_output, question_output], 1)
-        atts = torch.cat([image_atts, attention_mask], 1)
+            states, atts = fuse(m, image_embeds, questions.input_ids.to(self.device),
+                                questions.attention_mask.to(self.device))
         if self.fast is not None:
             topk_ids, _ = self.fast.generate(states, atts, pause=pause)
         else:

@@ -1,6 +1,6 @@
 """Measures what N processes that load the same model directory cost together.
 
-    python -m vqa_async.tools.memcheck --model DIR --processes 2
+    python -m tools.memcheck --model DIR --processes 2
 
 Each child loads the model, answers one question (so that every weight page is touched), reports its load time
 and memory from /proc, and waits until all have reported. The last line is one JSON object.
@@ -43,7 +43,7 @@ def measure(model_dir: str | None, processes: int, device: str = "cpu") -> dict[
     from vqa_async.model.loader import DEMO_MODEL_DIR
 
     weights = Path(model_dir or DEMO_MODEL_DIR).resolve() / WEIGHTS_NAME
-    cmd = [sys.executable, "-m", "vqa_async.tools.memcheck", "--child", "--device", device]
+    cmd = [sys.executable, "-m", "tools.memcheck", "--child", "--device", device]
     if model_dir:
         cmd += ["--model", str(model_dir)]
     procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

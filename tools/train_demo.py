@@ -5,7 +5,7 @@ by the model's own modules with one change that only saves time: a step takes a 
 questions (easy-VQA asks about 10 per image), and the vision encoder runs once per image instead of once per
 question. The result is written in the serving format, float32, the dtype it runs in on CPU.
 
-    python -m vqa_async.tools.train_demo --out vqa_async/demo --epochs 12
+    python -m tools.train_demo --out vqa_async/demo --epochs 12      (from the repository's root)
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from vqa_async.model.architecture import WEIGHTS_NAME, ServingMPlugVQA, read_config
+from vqa_async.model.forward import fuse, project_image
 from vqa_async.model.preprocess import QuestionTokenizer, image_transform, to_rgb
 from vqa_async.model.presets import DEMO
 from vqa_async.model.weights import save_serving_weights
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.init and (Path(args.init) / "TRAINING.json").exists():  # a continued run keeps its history
         previous = json.loads((Path(args.init) / "TRAINING.json").read_text())
     (out / "TRAINING.json").write_text(json.dumps({
-        "command": "python -m vqa_async.tools.train_demo " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m tools.train_demo " + " ".join(argv if argv is not None else sys.argv[1:]),
         "vision_lr_mult": args.vision_lr_mult, "aux_shape_weight": args.aux_shape_weight, "previous": previous,
         "dataset": "easy-vqa 1.0 (train split)", "epochs": args.epochs,
         "batch_size": args.batch_size, "images_per_step": args.images_per_step,
@@ -196,17 +197,8 @@ def vqa_loss(model: ServingMPlugVQA, pixels: torch.Tensor, which: torch.Tensor, 
         head, labels, weight = aux
         if bool((labels >= 0).any()):
             aux_loss = weight * torch.nn.functional.cross_entropy(head(vision_out.mean(1)), labels, ignore_index=-100)
-    embeds = vision_out
-    if model.large:
-        embeds = model.dropout(model.visn_layer_norm(model.visn_fc(embeds)))
-    embeds = embeds.index_select(0, which)
-    image_atts = torch.ones(embeds.shape[:-1], dtype=torch.long)
-    text = model.text_encoder(q_ids, attention_mask=q_mask, return_dict=True).last_hidden_state
-    image_out, question_out = model.fusion_encoder(
-        encoder_embeds=text, attention_mask=q_mask, encoder_hidden_states=embeds,
-        encoder_attention_mask=image_atts, return_dict=False)
-    states = torch.cat([image_out, question_out], 1)
-    atts = torch.cat([image_atts, q_mask], 1)
+    # The forward pass the server runs (model/forward.py), so that training cannot drift from serving.
+    states, atts = fuse(model, project_image(model, vision_out).index_select(0, which), q_ids, q_mask)
     targets = a_ids.masked_fill(a_ids == model.tokenizer.pad_token_id, -100)
     out = model.text_decoder(a_ids, attention_mask=a_mask, encoder_hidden_states=states,
                              encoder_attention_mask=atts, labels=targets, return_dict=True, reduction="none")
