@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_openmp_threads() -> None:
     """OpenMP threads that sleep when idle instead of spinning, unless the environment says otherwise. It must be
     set before torch loads libgomp. torch's threads otherwise spin for CPU between parallel regions, against the
-    threads decoding uploads and the event loop: one `serve` answered photos 3.5x slower with them spinning
-    (bench/RESULTS.md, photos)."""
+    threads decoding uploads and the event loop, and one `serve` answered photos several times slower with them
+    spinning (bench/RESULTS.md, "Figures moved out of the code")."""
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -90,7 +90,8 @@ async def _from_multipart(request: web.Request, settings: Settings) -> VqaInput:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise bad("invalid_multipart", "nested multipart bodies are not accepted")
-            # Each part costs event-loop time: without a bound, 160,000 tiny parts held a worker for 20 s.
+            # Each part costs event-loop time: without a bound, a form of many tiny parts holds a worker for
+            # seconds (bench/RESULTS.md, the many-parts bench).
             parts += 1
             if parts > settings.max_form_parts:
                 raise bad("too_many_parts", f"the form has more than {settings.max_form_parts} parts; send one "

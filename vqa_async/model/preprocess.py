@@ -4,14 +4,14 @@ Differences, on purpose: EXIF orientation is applied (a phone photo is upright, 
 image with transparency is composited on white instead of having its alpha channel dropped (which turns
 transparent pixels into whatever colour they happen to store, often black).
 
-Uploads are photos: a 12 MP JPEG decoded whole and resized by Pillow costs ~170-300 ms of CPU to end as a
-504 px tensor. `UploadPixels` (the server's path) decodes a JPEG at the smallest DCT scale (1/2, 1/4, 1/8:
-libjpeg's own IDCT scaling, through Pillow's `draft`) that still leaves both sides at least the model's input size,
-then applies the same bicubic filter (Pillow's: a = -0.5, support widened by the scale) with torch's uint8 kernel,
-which computes it five times faster than Pillow and rounds differently in a few values in a thousand (by 1-2
-levels). The answers stay ModelScope's on all but a sliver of photos (`tests/test_photo_fidelity.py` measures the
-share); `exact=True` (`--exact-preprocess`) decodes every pixel and resizes with Pillow, as ModelScope does, bit
-for bit.
+Uploads are photos: a 12 MP JPEG decoded whole and resized by Pillow costs far more CPU than the model input it
+ends as (figures: bench/RESULTS.md, "Figures moved out of the code"). `UploadPixels` (the server's path) decodes a
+JPEG at the smallest DCT scale (1/2, 1/4, 1/8: libjpeg's own IDCT scaling, through Pillow's `draft`) that still
+leaves both sides at least the model's input size, then applies the same bicubic filter (Pillow's: a = -0.5,
+support widened by the scale) with torch's uint8 kernel, which computes it several times faster than Pillow and
+rounds differently in a few values in a thousand (by 1-2 levels). The answers stay ModelScope's on all but a
+sliver of photos (`tests/test_photo_fidelity.py` measures the share); `exact=True` (`--exact-preprocess`) decodes
+every pixel and resizes with Pillow, as ModelScope does, bit for bit.
 
 HEIC/HEIF and AVIF have no reduced decode (libheif and libavif decode every pixel; a HEIC's embedded thumbnail
 is a separate, smaller encode, too small for the model's input on an iPhone's photos), so they are decoded whole;
@@ -140,8 +140,8 @@ def image_pixels(image_res: int) -> Callable[[Image.Image], torch.Tensor]:
 
 def fast_pixels(image_res: int) -> Callable[[Image.Image], torch.Tensor]:
     """`image_pixels` computed by torch's uint8 antialiased bicubic kernel instead of Pillow's: the same filter,
-    5x less CPU, values within 2 levels (mean abs difference ~0.003). It runs on the calling thread only (the
-    kernel does not fan out to torch's intra-op threads)."""
+    a fraction of the CPU, values within 2 levels (`tests/test_preprocess.py` pins the bound). It runs on the
+    calling thread only (the kernel does not fan out to torch's intra-op threads)."""
     from torchvision.transforms.v2 import functional as F
 
     size = [image_res, image_res]
