@@ -1,8 +1,9 @@
 """Test-only fault injection for cluster workers, never shipped: put this folder on PYTHONPATH and point
 VQA_TEST_FAULT_FILE at a JSON file {"<worker port>": "fail" | "hang" | "slow:<seconds>"}.
 
-The worker listening on that port (its `--port` in sys.argv, read at each call, so that a warm spare told its
-port later is covered too) then has every model call fail, hang forever, or take that long. The file is read
+The worker listening on that port (its `--port` in sys.argv, or its VQA_PORT: a cluster's workers get their
+settings as VQA_* variables; read at each call, so that a warm spare told its port later is covered too) then has
+every model call fail, hang forever, or take that long. The file is read
 at each call, so a test can make a worker sick and well again while it runs. Each faulted call first appends
 its port to `<VQA_TEST_FAULT_FILE>.calls`, so that a test can wait until a call is in progress.
 """
@@ -24,7 +25,7 @@ TARGET = "vqa_async.model.answer"
 
 def _port() -> str | None:
     argv = sys.argv
-    return argv[argv.index("--port") + 1] if "--port" in argv[:-1] else None
+    return argv[argv.index("--port") + 1] if "--port" in argv[:-1] else os.environ.get("VQA_PORT")
 
 
 def _fault() -> str | None:

@@ -33,6 +33,7 @@ def main() -> int:
     if not line.strip():
         return 0
     env = {str(k): str(v) for k, v in json.loads(line).items()}
+    os.environ.update(env)  # as a worker started cold has them: its environment is the same
     try:
         settings = Settings.from_env(env)
         setup_logging(settings.log_level)
