@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu.sh --prepare   # here, on a machine with an index: wheels -> .whl/ (46 MB), haproxy -> .deb/
 #   bash bench/gpu.sh             # on the CUDA host, from the repository root (carry .whl and .deb along)
-#   bash bench/gpu.sh --photos    # the same on bench/photos.py's phone photos (carry .photos too, 17 MB): the
+#   bash bench/gpu.sh --photos    # the same on bench.lib.photos' phone photos (carry .photos too, 17 MB): the
 #                                 # load bench and the breakdown on photos, a breakdown with --gpu-decode (nvJPEG),
 #                                 # and the CPU micro-bench of the upload path; no decoder bench
 #   bash bench/gpu.sh --fairness  # issue 13's fairness figures on the GPU, nothing else (at most 8.5 minutes):

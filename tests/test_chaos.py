@@ -1,4 +1,4 @@
-"""bench/chaos.py for one minute: kills, stalls, reloads and bad reloads under load lose no request."""
+"""`python -m bench chaos` for one minute: kills, stalls, reloads and bad reloads under load lose no request."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ KEYS = {"requests", "failures", "kills", "stalls", "reloads", "failed_reloads", 
 @pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 def test_one_minute_of_chaos_loses_nothing() -> None:
     # Seed 9: kill, stall, reload, bad reload; a minute on a slow box still times one restart.
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "chaos.py"), "--minutes", "1", "--seed", "9"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "bench", "chaos", "--minutes", "1", "--seed", "9"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print("\n" + json.dumps(result))
     assert set(result) >= KEYS

@@ -4,20 +4,16 @@ and the answers stay the same, on the demo model and on a `base` replica (ViT-B/
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.lib.photos import QUESTIONS, ROTATED, TRANSPARENT, Photo, build
 from vqa_async.model.answer import Answerer
 from vqa_async.model.loader import LoadedModel, load_model
 from vqa_async.model.preprocess import UploadPixels, normalize_pixels
 from vqa_async.tools.synth import synth
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from photos import QUESTIONS, ROTATED, TRANSPARENT, Photo, build  # noqa: E402
 
 # Question sets per model: the demo knows easy-VQA's phrasing only; the replica's vocabulary is BERT-sized.
 DEMO_QUESTIONS = ["what color is the shape?", "what shape is in the image?", "is there a red shape?",

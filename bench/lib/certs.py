@@ -1,4 +1,4 @@
-"""A throwaway self-signed certificate for loopback TLS (the tests and bench/tls.py): openssl, as the README's
+"""A throwaway self-signed certificate for loopback TLS (the tests and `python -m bench tls`): openssl, as the README's
 TLS recipe does it."""
 
 from __future__ import annotations

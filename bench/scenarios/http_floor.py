@@ -5,7 +5,7 @@
 It starts one aiohttp process (uvloop) whose /v1/vqa reads the upload exactly as `vqa-async serve` does
 (`read_vqa_input`) and answers a constant, then drives it with the bench's load generator and prints the CPU
 milliseconds per request of the server and of the load generator. Whatever a server does around the model costs
-at least this much per request; bench/breakdown.py shows what ours costs in full.
+at least this much per request; `python -m bench breakdown` shows what ours costs in full.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ DEMO = Preset(
 
 # The demo's widths with mPLUG-large's input size: 504 px images, so that preprocessing a photo costs what it
 # costs for the real model, while the model stays cheap enough for a CPU bench of the upload path
-# (`bench/run.py --images photos`): 28 px patches (325 image tokens; large has 1,297), 2 ViT layers, answers of at
+# (`bench sweep --images photos`): 28 px patches (325 image tokens; large has 1,297), 2 ViT layers, answers of at
 # most 5 tokens. On a GPU the real model costs little per answer, so a cheap model is the GPU's ratio of upload
 # work to model work, not a flattering one (bench/RESULTS.md, "Figures moved out of the code").
 PHOTO504 = Preset(
