@@ -50,7 +50,7 @@ OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404:
 
 def uses_openai_shape(path: str) -> bool:
     """The OpenAI-compatible routes (vqa_async/http/openai_api.py) answer errors in OpenAI's shape."""
-    return path == "/v1/chat/completions" or path == "/v1/models" or path.startswith("/v1/models/")
+    return path in ("/v1/chat/completions", "/v1/models")
 
 
 def openai_error_body(err: ApiError, error_id: str | None = None) -> dict[str, dict[str, object]]:

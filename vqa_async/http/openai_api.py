@@ -47,7 +47,7 @@ from vqa_async.model.preprocess import QuestionTokenizer
 CHAT_ROUTE = "/v1/chat/completions"
 MODELS_ROUTE = "/v1/models"
 OWNER = "vqa-async"
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+ROLES = frozenset({"system", "developer", "user", "assistant"})  # tool results have no place: tools are refused
 # Asking for what this model cannot do is refused; everything else it does not use is ignored.
 TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call")
 
@@ -92,6 +92,9 @@ def read_chat_request(body: object) -> ChatRequest:
         raise bad("invalid_field", "'n' must be a whole number, at least 1", "n")
     if n is not None and n > 1:
         raise bad("unsupported_parameter", "'n' must be 1: the model gives one answer per question", "n")
+    if not isinstance(body.get("model", ""), str):
+        raise bad("invalid_field", "'model' must be a string (any name: this server answers with its one model)",
+                  "model")
     if body.get("logprobs") not in (None, False):
         raise bad("unsupported_parameter", "'logprobs' are not available from this model", "logprobs")
     stream = _optional(body, "stream", bool, False)
@@ -113,9 +116,11 @@ def read_messages(messages: object) -> tuple[str, str]:
     question: list[str] = []  # the last user message's text parts
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or msg["role"] not in ROLES:
             raise bad("invalid_field", f"{where} must be an object with a 'role' ({', '.join(sorted(ROLES))})",
                       "messages")
+        if msg.get("content") is None and msg["role"] != "assistant":
+            raise bad("invalid_field", f"{where} needs its 'content'", "messages")
         texts, urls = _content(msg.get("content"), where)
         if urls and msg["role"] != "user":
             raise bad("invalid_field", f"{where}: only a user message may carry an image", "messages")
@@ -172,7 +177,8 @@ def _optional(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """A whole number as JSON has it (1.0 is one too)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
 
 
 def _max_tokens(body: dict[str, Any], name: str) -> int | None:
@@ -263,26 +269,14 @@ async def stream(request: web.Request, head: dict[str, Any], done: Completion,
 
 
 async def models(request: web.Request) -> web.Response:
-    return json_response({"object": "list", "data": [_model(request)]})
-
-
-async def model(request: web.Request) -> web.Response:
-    found = _model(request)
-    if request.match_info["model"] != found["id"]:
-        raise bad("model_not_found", f"this server serves '{found['id']}' only", "model", 404)
-    return json_response(found)
-
-
-def _model(request: web.Request) -> dict[str, Any]:
     loaded = request.app[SERVICE].loaded
     if loaded is None:
         raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "2"})
     # `created`: when the serving directory was written (converted or trained), the model's own date.
-    return {"id": loaded.name, "object": "model", "created": int(loaded.model_dir.stat().st_mtime),
-            "owned_by": OWNER}
+    return json_response({"object": "list", "data": [{
+        "id": loaded.name, "object": "model", "created": int(loaded.model_dir.stat().st_mtime), "owned_by": OWNER}]})
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post(CHAT_ROUTE, chat_completions)
     app.router.add_get(MODELS_ROUTE, models)
-    app.router.add_get(MODELS_ROUTE + "/{model}", model)

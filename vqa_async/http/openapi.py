@@ -4,11 +4,14 @@ tester (schemathesis) against a live `serve` with this document; tests/test_http
 
 from __future__ import annotations
 
-from typing import Any, cast
+import itertools
+from typing import Any
 
 from vqa_async import __version__
 from vqa_async.config import Settings
 from vqa_async.http.media_fetch import MAX_URL_CHARS
+from vqa_async.http.openapi_chat import ERROR_CODES as CHAT_ERROR_CODES
+from vqa_async.http.openapi_chat import chat_request, chat_schemas, openai_error
 from vqa_async.metrics import SUM_ROUTE, multiprocess_dir
 from vqa_async.model.preprocess import FORMAT_NAMES
 
@@ -21,7 +24,9 @@ ERROR_CODES = ["missing_image", "missing_question", "empty_image", "invalid_imag
                "image_and_image_id",
                # image_url (vqa_async/http/media_fetch.py), each a 400
                "image_url_invalid", "image_url_not_allowed", "image_url_address_refused",
-               "image_url_too_many_redirects", "image_url_timeout", "image_url_too_large", "image_url_fetch_failed"]
+               "image_url_too_many_redirects", "image_url_timeout", "image_url_too_large", "image_url_fetch_failed",
+               # /v1/chat/completions (vqa_async/http/openai_api.py)
+               *CHAT_ERROR_CODES]
 
 _STR = {"schema": {"type": "string"}}
 REQUEST_ID = {"X-Request-ID": {"description": "the client's own X-Request-ID when it is a token of 1-128 "
@@ -70,44 +75,55 @@ def _errors(settings: Settings, content: dict[str, Any], keys: bool) -> dict[str
     return out
 
 
+def _one_image_of(schema: dict[str, Any], names: list[str]) -> None:
+    """Exactly one of `names` (the image, or what names it): at least one, and no two together. Said with `not`
+    rather than `oneOf`, which a generator reads as "any of" and then sends two (400 image_and_image_id)."""
+    one = {"anyOf": [{"required": [name]} for name in names]}
+    schema["allOf"] = [{"anyOf": schema.pop("anyOf")}, one] if "anyOf" in schema else [one]
+    schema["not"] = {"anyOf": [{"required": list(pair)} for pair in itertools.combinations(names, 2)]}
+
+
 def openapi_spec(settings: Settings) -> dict[str, Any]:
     keys = settings.api_keys is not None
     secured: dict[str, Any] = {"security": [{"bearer": []}, {"apiKey": []}]} if keys else {}
-    question = {"type": "string", "minLength": 1, "maxLength": settings.max_question_chars}
+    # Stripped before use: only spaces is refused (empty_question). Anchored: testers read a pattern as a full match.
+    not_blank = r"^\s*\S[\s\S]*$"
+    question = {"type": "string", "minLength": 1, "maxLength": settings.max_question_chars, "pattern": not_blank}
+    # An empty file is refused (empty_image), so a file is at least one byte.
     multipart: dict[str, Any] = {"type": "object", "required": ["image", "question"], "properties": {
-        "image": {"type": "string", "format": "binary", "description": FORMAT_NAMES},
+        "image": {"type": "string", "format": "binary", "minLength": 1,
+                  "description": FORMAT_NAMES + ". Instead of the image, a follow-up may send a previous answer's "
+                                 "image_id as a text field (see the JSON body), never both"},
         # A form field is text whatever it looks like ("{}" is a question), and one field or several are one
         # question or several: no type to get wrong, only the bounds of each.
-        "question": {"items": {"minLength": 1, "maxLength": settings.max_question_chars},
+        "question": {"items": {"minLength": 1, "maxLength": settings.max_question_chars, "pattern": not_blank},
                      "minItems": 1, "maxItems": settings.max_questions, "minLength": 1,
-                     "maxLength": settings.max_question_chars,
+                     "maxLength": settings.max_question_chars, "pattern": not_blank,
                      "description": "text; may repeat: one answer each"}}}
-    json_body = {"type": "object", "required": ["image"], "properties": {
-        "image": {"type": "string", "format": "byte", "description": "base64 (a data: URL is accepted)"},
+    json_body: dict[str, Any] = {"type": "object", "properties": {
+        "image": {"type": "string", "format": "byte", "minLength": 1,
+                  "description": "base64 (a data: URL is accepted)"},
         "question": question,
         "questions": {"type": "array", "items": question, "minItems": 1, "maxItems": settings.max_questions,
                       "description": "when present, 'question' is ignored"}},
         "anyOf": [{"required": ["question"]}, {"required": ["questions"]}]}
     if settings.media_domains:  # --allowed-media-domains: the image may be named by URL instead
-        json_body["properties"]["image_url"] = {  # type: ignore[index]
+        json_body["properties"]["image_url"] = {
             "type": "string", "format": "uri", "maxLength": MAX_URL_CHARS,
             "description": "instead of 'image': an http(s) URL on one of the allowed hosts: "
                            + ", ".join(sorted(settings.media_domains))}
-        json_body["required"] = []
-        json_body["oneOf"] = [{"required": ["image"]}, {"required": ["image_url"]}]
     # A follow-up names a previous answer's image instead of sending it.
-    image_id = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$",
-                "description": "instead of the image: a previous answer's image_id (409 image_not_cached when this "
-                               "server no longer holds it). Also accepted as the X-Image-Id header or the image_id "
-                               "query parameter, which the cluster's HAProxy routes on"}
-    for schema in (multipart, cast(dict[str, Any], json_body)):
-        schema["properties"]["image_id"] = image_id
-        schema["oneOf"] = [*schema.get("oneOf", [{"required": ["image"]}]), {"required": ["image_id"]}]
-        schema["required"] = [name for name in schema["required"] if name != "image"]
+    json_body["properties"]["image_id"] = {
+        "type": "string", "pattern": "^[0-9a-fA-F]{64}$",
+        "description": "instead of the image: a previous answer's image_id (409 image_not_cached when this server no "
+                       "longer holds it). Also accepted as the X-Image-Id header or the image_id query parameter, "
+                       "which the cluster's HAProxy routes on"}
+    _one_image_of(json_body, [name for name in ("image", "image_url", "image_id") if name in json_body["properties"]])
     body = {"required": True, "content": {"multipart/form-data": {"schema": multipart},
                                           "application/json": {"schema": json_body}}}
     page_form = {"type": "object", "required": ["image", "question"], "properties": {
-        **multipart["properties"], "api_key": {"type": "string",
+        "image": {**multipart["properties"]["image"], "description": FORMAT_NAMES},
+        "question": multipart["properties"]["question"], "api_key": {"type": "string",
                                                "description": "the key, when the server asks for one"}}}
     probe_503 = {"503": _answer("see error.message", _json("Error"))}
     metrics_401 = {"401": _answer("unauthorized (--metrics-need-key)", _json("Error"))} \
@@ -146,11 +162,24 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                                         "responses": {"200": _answer("JavaScript", {"text/javascript": {}})}}},
             "/static/page.css": {"get": {"summary": "The upload page's style",
                                          "responses": {"200": _answer("CSS", {"text/css": {}})}}},
-            "/healthz": {"get": {"summary": "Process alive: not stuck in a model call, model thread and batcher "
-                                            "running", "responses": {"200": _answer("alive", _json("Status")),
-                                                                     **probe_503}}},
-            "/readyz": {"get": {"summary": "Model loaded, process alive, and the model not failing every request",
-                                "responses": {"200": _answer("ready", _json("Status")), **probe_503}}},
+            **{path: {"get": {"summary": "Process alive: not stuck in a model call, model thread and batcher "
+                                         "running", "responses": {"200": _answer("alive", _json("Status")),
+                                                                  **probe_503}}}
+               for path in ("/healthz", "/v2/health/live")},  # and KServe v2's name
+            **{path: {"get": {"summary": "Model loaded, process alive, and the model not failing every request",
+                              "responses": {"200": _answer("ready", _json("Status")), **probe_503}}}
+               for path in ("/readyz", "/v2/health/ready")},
+            "/v1/chat/completions": {"post": {
+                "summary": "OpenAI-compatible: one image (an image_url part) and the last user message's question",
+                **secured, "requestBody": {"required": True, "content": {
+                    "application/json": {"schema": chat_request(settings)}}},
+                "responses": {"200": _answer("the answer; server-sent events with stream: true", {
+                    **_json("ChatCompletion"), "text/event-stream": {"schema": {"type": "string"}}}),
+                    **_errors(settings, _json("OpenAIError"), keys)}}},
+            "/v1/models": {"get": {"summary": "OpenAI-compatible: the loaded model", **secured, "responses": {
+                "200": _answer("a list of one", _json("ModelList")),
+                "503": _answer("not_ready: the model is loading", _json("OpenAIError"), **RETRY_AFTER),
+                **({"401": _errors(settings, _json("OpenAIError"), keys)["401"]} if keys else {})}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
                                  **({"security": secured["security"]} if metrics_401 else {}),
                                  "responses": {"200": _answer("the text format", {"text/plain": _STR}),
@@ -175,6 +204,7 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                                         "description": "the SHA-256 of the image's bytes (also X-Image-Id): send it "
                                                        "as image_id to ask about the same image again"}}},
             "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+            **chat_schemas(), "OpenAIError": openai_error(ERROR_CODES),
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["code", "message"], "properties": {
                     "code": {"type": "string", "enum": ERROR_CODES}, "message": {"type": "string"},
