@@ -195,7 +195,11 @@ async def image_bytes(url: str, request: web.Request) -> bytes:
         header, comma, data = url.partition(",")
         if not comma or not header.endswith(";base64"):
             raise bad("invalid_image_url", "a data: URL must be base64: data:image/jpeg;base64,...", "messages")
-        return decode_base64(data, "the data: URL's payload")
+        try:
+            return decode_base64(data, "the data: URL's payload")
+        except ApiError as e:
+            e.param = "messages"
+            raise
     if url.startswith(("http://", "https://")):
         return await fetch_image(url, request.app[SETTINGS])
     raise bad("invalid_image_url", "an image URL is a data: URL (or http(s), where the server allows it)", "messages")
