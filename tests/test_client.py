@@ -65,6 +65,8 @@ def test_answers_equal_a_direct_post(srv: Serve, easy_vqa_images: list[Path]) ->
             assert vqa.ask(data, QUESTIONS[0]).answer == want
             with Image.open(path) as pil:
                 assert vqa.ask(pil.copy(), QUESTIONS[0]).answer == want
+        many = dict(vqa.ask_many((p, QUESTIONS[0]) for p in easy_vqa_images[:3]))  # the sync ask_many too
+        assert sorted(many) == [0, 1, 2] and all(not isinstance(a, VqaError) and a.answer for a in many.values())
         path = easy_vqa_images[3]
         want_many = direct_post(srv.url, path.read_bytes(), QUESTIONS)["answers"]
         assert list(vqa.ask(str(path), questions=QUESTIONS).answers) == want_many
@@ -175,6 +177,34 @@ async def test_a_refused_connection_is_retried_until_the_server_comes_up() -> No
         finally:
             await server.close()
     assert answer.answer == "blue" and answer.attempts > 2 and len(seen) == 1
+
+
+async def test_a_dropped_connection_is_retried_and_a_slow_answer_is_not(aiohttp_server: Any) -> None:
+    calls = 0
+
+    async def vqa(request: web.Request) -> web.Response:
+        nonlocal calls
+        await request.read()
+        calls += 1
+        if calls == 1:  # a worker dying mid-request: the connection closes with no answer
+            assert request.transport is not None
+            request.transport.close()
+        if request.headers.get("X-Slow"):
+            await asyncio.sleep(2)
+        return web.json_response({"answer": "ok"})
+
+    app = web.Application()
+    app.router.add_post("/v1/vqa", vqa)
+    fake = await aiohttp_server(app)
+    async with AsyncClient(str(fake.make_url("")), max_side=0, backoff_s=0.05) as client:
+        answer = await client.ask(b"x", "q")
+        assert answer.attempts == 2 and calls == 2
+    # a timeout is the server being slow, not gone: asking again would only add load
+    async with AsyncClient(str(fake.make_url("")), max_side=0, timeout_s=0.3) as client:
+        client._http().headers["X-Slow"] = "1"
+        with pytest.raises(VqaError) as e:
+            await client.ask(b"x", "q")
+    assert (e.value.status, e.value.code) == (0, "client_timeout") and calls == 3
 
 
 async def test_with_no_server_at_all_the_error_says_so() -> None:
