@@ -139,9 +139,9 @@ def start(name: str, setup: Setup, extra: list[str] | None = None, label: str | 
     port = free_port_pair() if name == "cluster" else free_port()
     cmd = command(name, setup, port, list(extra or []), rdir)
     setup.log_dir.mkdir(parents=True, exist_ok=True)
-    log = open(setup.log_dir / f"{label or name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-                            env=setup.env())
+    with open(setup.log_dir / f"{label or name}.log", "ab") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+                                env=setup.env())
     scheme = "https" if ssl_context is not None else "http"
     sysm = System(label or name, f"{scheme}://127.0.0.1:{port}", proc, term_group=name.startswith("litserve"),
                   runtime_dir=rdir)

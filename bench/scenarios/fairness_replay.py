@@ -84,8 +84,8 @@ class Sim:
     now: float = 0.0  # virtual seconds
     seen: set[str] = field(default_factory=set)  # images the cache holds
 
-    def batch_ms(self, batch: list[WorkItem]) -> float:
-        fresh = {it.image_key for it in batch} - self.seen
+    def batch_ms(self, batch: list[WorkItem[tuple[str, float]]]) -> float:
+        fresh = {it.payload[0] for it in batch} - self.seen
         self.seen |= fresh
         return (self.vision[len(fresh)] if fresh else 0.0) + self.decoder[sum(it.size for it in batch)]
 
@@ -94,7 +94,7 @@ class Sim:
         """clients: name -> (concurrency, questions per request, distinct images it cycles through, as
         the fairness scenario's uploads: every one new). Returns name -> (latencies ms, answers)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[WorkItem] = asyncio.Queue()
+        queue: asyncio.Queue[WorkItem[tuple[str, float]]] = asyncio.Queue()
         collector = BatchCollector(queue, max_size, 0.0, clock=lambda: self.now, fair=fair)
         # What-if: a smaller batch while clients share (served as the executor's cap would be); alone, none.
         cap = shared_max_size if shared_max_size and len(clients) > 1 else None
@@ -115,12 +115,10 @@ class Sim:
             while arrivals and arrivals[0][0] <= self.now:
                 t, _, name, sent_at = arrivals.pop(0)
                 _, questions, images = clients[name]
-                ids = torch.zeros(questions, 1, dtype=torch.long)
                 sent_by[name] += 1
-                # started_at carries the send time through the collector (the executor is not in the loop).
-                queue.put_nowait(WorkItem(f"{name}-{sent_by[name] % images}", torch.zeros(0), ids, ids,
-                                          loop.create_future(), float("inf"), enqueued_at=t, client=name,
-                                          started_at=sent_at))
+                # The payload: the image's key (the cache) and the send time (the latency).
+                queue.put_nowait(WorkItem((f"{name}-{sent_by[name] % images}", sent_at), questions,
+                                          loop.create_future(), float("inf"), enqueued_at=t, client=name))
             if not collector.pending():
                 self.now = arrivals[0][0]
                 continue
@@ -128,9 +126,9 @@ class Sim:
             self.now += self.batch_ms(batch) / 1000
             for it in batch:
                 answered = self.now + self.overhead_ms / 2000
-                if warm <= it.started_at and answered <= end:
+                if warm <= it.payload[1] and answered <= end:
                     lat, answers = out[it.client]
-                    lat.append((answered - it.started_at) * 1000)
+                    lat.append((answered - it.payload[1]) * 1000)
                     out[it.client] = (lat, answers + it.size)
                 send(it.client, answered)
         return out
