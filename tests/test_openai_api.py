@@ -134,10 +134,10 @@ def test_max_tokens_cuts_the_answer_with_finish_reason_length(random_demo_dir: P
     ("functions", "functions", "unsupported_parameter"),
     ("missing image", "messages", "missing_image"),
     ("no question", "messages", "missing_question"),
-    ("data URL not base64", "messages", "invalid_image_url"),
+    ("data URL not base64", "messages", "image_url_invalid"),
     ("bad base64", "messages", "invalid_base64"),
     ("not an image", None, "invalid_image"),
-    ("ftp URL", "messages", "invalid_image_url"),
+    ("ftp URL", "messages", "image_url_invalid"),
     ("audio part", "messages", "unsupported_content"),
     ("max_tokens 0", "max_tokens", "invalid_field"),
     ("question too long", None, "question_too_long"),
@@ -173,9 +173,11 @@ def test_what_is_refused_is_a_400_in_openais_shape_with_our_code(
     assert e.value.response.headers["X-Request-ID"] == err["request_id"]
 
 
-def test_http_image_urls_are_refused_while_no_media_domain_is_allowed(sdk: openai.OpenAI) -> None:
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/a.png", "HTTPS://127.0.0.1:1/a.png"])
+def test_http_image_urls_are_refused_while_no_media_domain_is_allowed(sdk: openai.OpenAI, url: str) -> None:
+    """Also in capitals: a URL's scheme is case-insensitive, so it reaches the fetcher's checks."""
     with pytest.raises(openai.BadRequestError) as e:
-        sdk.chat.completions.create(model="demo", messages=user(QUESTIONS[0], "http://127.0.0.1:1/a.png"))
+        sdk.chat.completions.create(model="demo", messages=user(QUESTIONS[0], url))
     assert e.value.code == "image_url_not_allowed"
 
 

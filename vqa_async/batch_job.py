@@ -265,8 +265,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                  "(custom_id, image: a path or an http(s) URL, question)")
     p.add_argument("output", help="JSONL answers, appended as they come; an existing one is resumed")
     p.add_argument("--url", required=True, help="the server: `vqa-async serve` or the cluster's front")
-    p.add_argument("--api-key", default=os.environ.get("VQA_API_KEY"),
-                   help="sent as Authorization: Bearer [env VQA_API_KEY]")
+    p.add_argument("--api-key", default=os.environ.get("VQA_CLIENT_API_KEY"),
+                   help="sent as Authorization: Bearer [env VQA_CLIENT_API_KEY]")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     p.add_argument("--timeout-s", type=float, default=120.0, help="per request, each attempt (default 120)")
     p.add_argument("--retries", type=int, default=5,

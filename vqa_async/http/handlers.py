@@ -9,8 +9,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from vqa_async.batching.runner import ItemFailed, ModelFailing
-from vqa_async.core.service import NotReady, Outcome, Overloaded
 from vqa_async.core.adapter import ImageNotCached
+from vqa_async.core.service import NotReady, Outcome, Overloaded
 from vqa_async.http.context import CLIENT, OUTCOME, QUESTIONS, Client
 from vqa_async.http.errors import ApiError, Handler, error_body, json_response
 from vqa_async.http.keys import AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS

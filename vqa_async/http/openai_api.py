@@ -156,7 +156,7 @@ def _content(content: object, where: str) -> tuple[list[str], list[str]]:
             ref = part.get("image_url")
             url = ref.get("url") if isinstance(ref, dict) else ref
             if not isinstance(url, str) or not url:
-                raise bad("invalid_image_url", f"{where}.content[{j}]: 'image_url' needs a 'url' string", "messages")
+                raise bad("image_url_invalid", f"{where}.content[{j}]: 'image_url' needs a 'url' string", "messages")
             urls.append(url)
         elif kind in ("text", None):
             raise bad("invalid_field", f"{where}.content[{j}] must be a part with a 'type' ('text' with a 'text' "
@@ -191,18 +191,19 @@ def _max_tokens(body: dict[str, Any], name: str) -> int | None:
 
 
 async def image_bytes(url: str, request: web.Request) -> bytes:
-    if url.startswith("data:"):
+    scheme = url.partition(":")[0].lower()  # schemes are case-insensitive (RFC 3986)
+    if scheme == "data":
         header, comma, data = url.partition(",")
         if not comma or not header.endswith(";base64"):
-            raise bad("invalid_image_url", "a data: URL must be base64: data:image/jpeg;base64,...", "messages")
+            raise bad("image_url_invalid", "a data: URL must be base64: data:image/jpeg;base64,...", "messages")
         try:
             return decode_base64(data, "the data: URL's payload")
         except ApiError as e:
             e.param = "messages"
             raise
-    if url.startswith(("http://", "https://")):
+    if scheme in ("http", "https"):
         return await fetch_image(url, request.app[SETTINGS])
-    raise bad("invalid_image_url", "an image URL is a data: URL (or http(s), where the server allows it)", "messages")
+    raise bad("image_url_invalid", "an image URL is a data: URL (or http(s), where the server allows it)", "messages")
 
 
 # -- answering -------------------------------------------------------------------------------------------------------
