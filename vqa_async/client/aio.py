@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+import vqa_async.client.upload as upload
 from vqa_async import __version__
-from vqa_async.client import upload
 from vqa_async.client.errors import Answer, Response, VqaError
 from vqa_async.client.upload import ImageLike, Source
 
