@@ -98,9 +98,18 @@ def cache_counts(base: str) -> tuple[float, float]:
     return total("vqa_image_cache_hits_total"), total("vqa_image_cache_misses_total")
 
 
+def until_both_workers_are_up(cluster: RunningCluster) -> None:
+    """Whatever ran before (a worker killed by the test below, in a random order): both in rotation again."""
+    end = time.monotonic() + 120
+    while not (len(cluster.server_status()) == 2 and cluster.all_up()):
+        assert time.monotonic() < end, cluster.server_status()
+        time.sleep(0.2)
+
+
 def test_follow_ups_reach_the_worker_that_holds_the_image(cluster: RunningCluster,
                                                           easy_vqa_images: list[Path]) -> None:
     base = cluster.url
+    until_both_workers_are_up(cluster)
     images = [p.read_bytes() for p in easy_vqa_images[:6]]
     hits0, misses0 = cache_counts(base)
     with ThreadPoolExecutor(len(images)) as pool:  # at once, so that leastconn spreads them

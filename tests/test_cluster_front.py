@@ -198,5 +198,8 @@ def test_rate_limit_per_client_answers_429_json_and_spares_the_others(front: Fro
 
 def test_every_haproxy_log_line_is_json(front: Front) -> None:
     front.vqa()
-    lines = [ln for ln in front.haproxy_log.read_text().splitlines() if ln.startswith("{")]
-    assert lines and all(isinstance(json.loads(ln), dict) for ln in lines)
+    end = time.monotonic() + 10  # HAProxy writes its line once the request is done: it may come a moment later
+    while not (lines := [ln for ln in front.haproxy_log.read_text().splitlines() if ln.startswith("{")]):
+        assert time.monotonic() < end, front.haproxy_log.read_text()[-2000:]
+        time.sleep(0.1)
+    assert all(isinstance(json.loads(ln), dict) for ln in lines)
