@@ -15,8 +15,8 @@ from vqa_async.cluster.backends import DNS_SLOTS, DnsBackends, parse_backend, pa
 from vqa_async.cluster.control import RELOAD_WAIT_S
 
 # Uploads up to this size are held whole by HAProxy and so survive a dying worker (see the template). The buffer
-# costs CPU in proportion to its size on every request: on the 2-core test box HAProxy took 0.19 ms per request
-# with 1 MiB and 0.07 ms with 128 KiB (python -m bench breakdown). `cluster --retry-body-kb` sets it.
+# costs HAProxy CPU in proportion to its size on every request (bench/RESULTS.md, "Figures moved out of the
+# code"). `cluster --retry-body-kb` sets it.
 RETRYABLE_BODY_BYTES = 1 << 20
 # Settings that are not passed on to the workers: the front's address is HAProxy's, and TLS ends there.
 FRONT_ONLY = ("host", "port", "unix_socket", "log_level", "tls_cert", "tls_key")
