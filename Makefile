@@ -15,7 +15,7 @@ serve: install  ## one process, no HAProxy
 	$(VENV)/bin/vqa-async serve --port $(PORT)
 
 test: install-test system  ## the whole suite (CI runs exactly this)
-	$(VENV)/bin/ruff check vqa_async tests bench
+	$(VENV)/bin/ruff check vqa_async tests bench tools
 	$(VENV)/bin/mypy vqa_async
 	$(PY) -m pytest
 
