@@ -127,8 +127,19 @@ def test_follow_ups_reach_the_worker_that_holds_the_image(cluster: RunningCluste
     assert hits - hits0 == n
 
 
-def test_a_follow_up_whose_worker_died_is_answered_elsewhere(cluster: RunningCluster,
+@pytest.fixture
+def own_cluster(tmp_path: Path, demo_dir: Path) -> Iterator[RunningCluster]:
+    """A cluster of its own for the test that kills a worker: the module's cluster stays as it started, whatever
+    the order (after a worker was replaced, new uploads in a random order all went to the other worker: see
+    bench/RESULTS.md's open questions)."""
+    cl = start_cluster(tmp_path, demo_dir, "--torch-threads", "1", workers=2)
+    yield cl
+    stop_cluster(cl)
+
+
+def test_a_follow_up_whose_worker_died_is_answered_elsewhere(own_cluster: RunningCluster,
                                                              easy_vqa_images: list[Path]) -> None:
+    cluster = own_cluster
     base = cluster.url
     image = easy_vqa_images[7].read_bytes()
     image_id, worker = ask_image(base, image)
