@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from cluster_support import stop_process
 
 API_KEY = "client-test-key-0123456789"
 
@@ -61,12 +62,7 @@ def serve(demo_dir: Path, tmp: Path, *extra: str) -> Iterator[Serve]:
         wait_ready(url, proc)
         yield Serve(url, log, proc)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def direct_post(url: str, image: bytes, questions: list[str], content_type: str = "image/png") -> dict[str, Any]:

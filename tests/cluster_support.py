@@ -117,3 +117,13 @@ def stop_cluster(cl: RunningCluster) -> None:
             cl.proc.kill()
     for pid in pids:  # no process left behind
         assert gone(pid), pid
+
+
+def stop_process(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """SIGTERM, and SIGKILL if it has not ended within 30 s: a test's own serve, never left behind."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

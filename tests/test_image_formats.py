@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from cluster_support import stop_process
 from PIL import Image
 from PIL.AvifImagePlugin import AvifImageFile
 from pillow_heif.as_plugin import HeifImageFile
@@ -91,12 +92,7 @@ def serve(demo_dir: Path) -> Iterator[str]:
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 async def _answers(s: aiohttp.ClientSession, url: str, data: bytes, name: str,

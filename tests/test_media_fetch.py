@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from cluster_support import stop_process
 from yarl import URL
 
 from vqa_async.cli import build_parser
@@ -361,12 +362,7 @@ def serve(demo_dir: Path) -> Iterator[str]:
         _wait_ready(url, proc)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 async def _ask(s: aiohttp.ClientSession, url: str, **body: Any) -> tuple[int, dict[str, Any]]:
