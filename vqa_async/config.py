@@ -41,6 +41,9 @@ class Settings:
     max_batch_size: int = field(default=0, metadata={"help": "questions per model call (0: 16 on CPU, 64 on CUDA)"})
     max_wait_ms: float = field(default=-1.0, metadata={
         "help": "longest wait for more work when requests are on their way (-1: 5 ms on CPU, 2 ms on CUDA)"})
+    return_window_ms: float = field(default=-1.0, metadata={
+        "help": "after a batch is answered, how long to wait for its clients to come back with their next request, "
+                "so that they go in one batch (-1: --max-wait-ms; 0: never wait for them)"})
     max_queue: int = field(default=256, metadata={"help": "requests waiting for the model before 503"})
     timeout_s: float = field(default=30.0, metadata={"help": "deadline of a request, from arrival (504 after)"})
     max_body_mb: float = field(default=10.0, metadata={"help": "largest request body (413 above)"})
@@ -121,6 +124,8 @@ class Settings:
             object.__setattr__(self, "max_batch_size", 64 if on_cuda else 16)
         if self.max_wait_ms < 0:
             object.__setattr__(self, "max_wait_ms", 2.0 if on_cuda else 5.0)
+        if self.return_window_ms < 0:
+            object.__setattr__(self, "return_window_ms", self.max_wait_ms)
         if self.preprocess_threads == 0:
             object.__setattr__(self, "preprocess_threads", min(8, os.cpu_count() or 1))
         if self.max_preprocess_backlog == 0:
@@ -172,6 +177,8 @@ class Settings:
             raise bad("allowed_media_domains", str(e)) from None
         if self.max_wait_ms > 1000:
             raise bad("max_wait_ms", "more than a second of waiting is never what you want")
+        if self.return_window_ms > 1000:
+            raise bad("return_window_ms", "more than a second of waiting is never what you want")
 
     @property
     def max_body_bytes(self) -> int:

@@ -14,8 +14,15 @@ class BatchCollector:
     """Takes work from the queue in batches of at most `max_size` questions.
 
     An idle server adds no latency: the first item is taken as soon as it arrives, and the collector waits up to
-    `max_wait_s` for more only while `incoming()` says requests are on their way (accepted, being preprocessed),
-    i.e. only when waiting can pay. Everything already queued is always taken at once.
+    `max_wait_s` for more only while waiting can pay: while `incoming()` says requests are on their way
+    (accepted, being preprocessed), and while the clients the last batch answered are coming back. A client
+    that asks its next question as soon as it has an answer (a bulk job, a script, the bench) is back within
+    a round trip, but the requests of several such clients arrive a little apart; without this wait the first
+    of them would go alone and the rest would make the next batch, and the two halves would then alternate
+    for good. `answered(n)` tells the collector that n requests were just answered: it then waits for up to n
+    arrivals (any client's: it cannot know whose), at most until `return_window_s` after that answer, so a
+    client that does not come back costs one such window and an idle server none. Everything already queued
+    is always taken at once.
 
     With `fair` (the default), what is queued is sorted into one line per client (`WorkItem.client`) and each
     batch is filled round-robin across the lines, `WorkItem.weight` requests per client per round: a client
@@ -34,13 +41,18 @@ class BatchCollector:
 
     def __init__(self, queue: asyncio.Queue[WorkItem], max_size: int, max_wait_s: float,
                  incoming: Callable[[], int] = lambda: 0, clock: Callable[[], float] = time.monotonic,
-                 fair: bool = True) -> None:
+                 fair: bool = True, return_window_s: float | None = None) -> None:
         self.queue = queue
         self.max_size = max_size
         self.max_wait_s = max_wait_s
         self.incoming = incoming
         self.clock = clock
         self.fair = fair
+        self.return_window_s = max_wait_s if return_window_s is None else return_window_s
+        # Requests answered by the last batch whose clients have not come back yet (arrivals since count them
+        # off), and until when they are waited for.
+        self._returning = 0
+        self._answered_at = float("-inf")
         # Taken from the queue, not yet in a batch: one FIFO line per client, in the order they are served.
         self._lines: dict[str, deque[WorkItem]] = {}
         self._held = 0
@@ -51,6 +63,17 @@ class BatchCollector:
     def _hold(self, item: WorkItem) -> None:
         self._lines.setdefault(item.client if self.fair else "", deque()).append(item)
         self._held += 1
+        if self._returning and item.enqueued_at >= self._answered_at:
+            self._returning -= 1
+
+    def answered(self, requests: int) -> None:
+        """`requests` were just answered: their clients may be on their way back (see the class)."""
+        self._returning = requests
+        self._answered_at = self.clock()
+
+    def _return_wait(self, now: float) -> float:
+        """How long to wait for clients the last batch answered: 0 when none is expected any more."""
+        return self._answered_at + self.return_window_s - now if self._returning else 0.0
 
     def _drain(self) -> None:
         while not self.queue.empty():
@@ -68,8 +91,11 @@ class BatchCollector:
             size = self._fill(batch, size, limit)
             if size >= limit or self._held:  # full, or what is left does not fit
                 break
-            remaining = deadline - self.clock()
-            if remaining <= 0 or self.incoming() == 0:
+            now = self.clock()
+            remaining = deadline - now
+            if self.incoming() == 0:  # nobody on the way but, perhaps, the clients just answered
+                remaining = min(remaining, self._return_wait(now))
+            if remaining <= 0:
                 break
             try:
                 self._hold(await asyncio.wait_for(self.queue.get(), remaining))

@@ -72,7 +72,8 @@ class VqaService:
                                                            settings.sick_after_failures, settings.preempt_share)
         self._incoming = 0  # accepted requests still being preprocessed: the collector waits for them
         self.collector = BatchCollector(self.queue, settings.max_batch_size, settings.max_wait_ms / 1000,
-                                        incoming=lambda: self._incoming, fair=settings.scheduling == "fair")
+                                        incoming=lambda: self._incoming, fair=settings.scheduling == "fair",
+                                        return_window_s=settings.return_window_ms / 1000)
         self._prep_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vqa-preprocess")
         self._batcher: asyncio.Task[None] | None = None
         self._upload: UploadPixels | None = None
@@ -168,8 +169,11 @@ class VqaService:
             batch = await self.collector.collect(self.runner.cap)
             self.metrics.queue_depth.set(self.collector.pending())
             await self._run(loop, batch)
+            answered = len(batch)
             for late in self.runner.preemption.take_unstarted():  # handed over as the batch ended: they go first
                 await self._run(loop, late)
+                answered += len(late)
+            self.collector.answered(answered)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem[VqaPayload]]) -> None:
         run = asyncio.ensure_future(self.runner.run(loop, batch))
