@@ -65,6 +65,7 @@ def test_answers_equal_a_direct_post(srv: Serve, easy_vqa_images: list[Path]) ->
             assert vqa.ask(data, QUESTIONS[0]).answer == want
             with Image.open(path) as pil:
                 assert vqa.ask(pil.copy(), QUESTIONS[0]).answer == want
+            assert vqa.ask(vqa.prepare(path), QUESTIONS[0]).answer == want  # prepared ahead, as jobs do
         many = dict(vqa.ask_many((p, QUESTIONS[0]) for p in easy_vqa_images[:3]))  # the sync ask_many too
         assert sorted(many) == [0, 1, 2] and all(not isinstance(a, VqaError) and a.answer for a in many.values())
         path = easy_vqa_images[3]

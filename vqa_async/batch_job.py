@@ -28,15 +28,17 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
+import uvloop
 from tqdm import tqdm
 
-from vqa_async.client import AsyncClient, VqaError
+from vqa_async.client import AsyncClient, ImageLike, VqaError
+from vqa_async.client.lookahead import Lookahead
 
 CHAT_URL = "/v1/chat/completions"
 
@@ -150,8 +152,8 @@ def answered_ids(output: Path) -> set[str]:
     return done
 
 
-async def answer_line(client: AsyncClient, line: Line) -> dict[str, Any]:
-    """One OUTPUT record for `line`."""
+async def answer_line(client: AsyncClient, line: Line, image: Awaitable[ImageLike | None]) -> dict[str, Any]:
+    """One OUTPUT record for `line`, whose image (the plain form's) was prepared ahead (`Lookahead`)."""
     record: dict[str, Any] = {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": line.custom_id,
                               "response": None, "error": None}
     if line.chat_body is not None:
@@ -168,10 +170,11 @@ async def answer_line(client: AsyncClient, line: Line) -> dict[str, Any]:
                                "message": str(err.get("message") or resp.body)}
         return record
     try:
+        ready = await image
         if line.plural:
-            answer = await client.ask(line.image, questions=list(line.questions))
+            answer = await client.ask(ready, questions=list(line.questions))
         else:
-            answer = await client.ask(line.image, line.questions[0])
+            answer = await client.ask(ready, line.questions[0])
     except VqaError as e:
         if e.status:
             record["response"] = {"status_code": e.status, "request_id": e.request_id, "body": e.body}
@@ -202,59 +205,67 @@ class Writer:
 
 async def run(lines: list[Line], output: Path, client: AsyncClient, concurrency: int,
               progress: bool = True) -> Summary:
-    """Answer `lines` not yet answered in `output`, `concurrency` at a time. SIGINT: stop sending and finish
-    what is in flight; a second SIGINT drops that too."""
+    """Answer `lines` not yet answered in `output`: `concurrency` senders, each asking its next line the moment
+    its last one is answered, with the next lines' images read and prepared meanwhile (`Lookahead`), so that
+    the server sees the requests arrive together and batches them as it does the bench's. SIGINT: stop sending
+    and finish what is in flight; a second SIGINT drops that too."""
     done = answered_ids(output)
     todo = [line for line in lines if line.custom_id not in done]
     summary = Summary(skipped=len(lines) - len(todo))
     stopping = asyncio.Event()
-    inflight: set[asyncio.Task[dict[str, Any]]] = set()
-    loop = asyncio.get_running_loop()
-
-    def interrupt() -> None:
-        if stopping.is_set():
-            for task in inflight:
-                task.cancel()
-            return
-        stopping.set()
-        tqdm.write(f"interrupted: waiting for {len(inflight)} requests in flight (Ctrl-C again to drop them)",
-                   file=sys.stderr)
-
+    asking = 0  # requests in flight
     writer = Writer(output)
     bar = tqdm(total=len(todo), unit="req", desc="answered", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
-    pending: Iterator[Line] = iter(todo)
+    ahead = Lookahead(client, iter(todo), lambda line: line.image, depth=concurrency)
+
+    def written(record: dict[str, Any]) -> None:
+        writer.write(record)
+        if record["error"] is None:
+            summary.answered += 1
+        else:
+            summary.failed += 1
+            code = record["error"]["code"]
+            summary.failures[code] = summary.failures.get(code, 0) + 1
+            bar.set_postfix(failed=summary.failed, refresh=False)
+        bar.update(1)
+
+    async def sender() -> None:
+        nonlocal asking
+        while not stopping.is_set() and (nxt := ahead.take()) is not None:
+            asking += 1
+            try:
+                record = await answer_line(client, *nxt)
+            finally:
+                asking -= 1
+            written(record)
+
+    senders = [asyncio.create_task(sender()) for _ in range(concurrency)]
+
+    def interrupt() -> None:
+        if stopping.is_set():
+            for task in senders:
+                task.cancel()
+            return
+        stopping.set()
+        tqdm.write(f"interrupted: waiting for {asking} requests in flight (Ctrl-C again to drop them)",
+                   file=sys.stderr)
+
+    loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     loop.add_signal_handler(signal.SIGINT, interrupt)
     try:
-        while True:
-            while not stopping.is_set() and len(inflight) < concurrency and (line := next(pending, None)):
-                inflight.add(asyncio.create_task(answer_line(client, line)))
-            if not inflight:
-                break
-            finished, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                if task.cancelled():
-                    summary.dropped += 1
-                    continue
-                record = task.result()
-                writer.write(record)
-                if record["error"] is None:
-                    summary.answered += 1
-                else:
-                    summary.failed += 1
-                    code = record["error"]["code"]
-                    summary.failures[code] = summary.failures.get(code, 0) + 1
-                bar.update(1)
-                if summary.failed:
-                    bar.set_postfix(failed=summary.failed, refresh=False)
+        for result in await asyncio.gather(*senders, return_exceptions=True):
+            if isinstance(result, Exception):  # a bug, not a line's failure (those are in OUTPUT)
+                raise result
     finally:
-        for task in inflight:  # only when something unexpected ended the loop
+        for task in senders:  # only when something unexpected ended one
             task.cancel()
         loop.remove_signal_handler(signal.SIGINT)
         summary.elapsed_s = time.monotonic() - t0
         summary.interrupted = stopping.is_set()
-        summary.dropped += sum(1 for _ in pending)
+        summary.dropped = len(todo) - summary.answered - summary.failed
+        await ahead.cancel()
         bar.close()
         writer.close()
     return summary
@@ -289,7 +300,7 @@ def main(args: argparse.Namespace) -> int:
                                timeout_s=args.timeout_s, retries=args.retries) as client:
             return await run(lines, Path(args.output), client, args.concurrency, progress=not args.no_progress)
 
-    summary = asyncio.run(go())
+    summary = uvloop.run(go())  # the servers' loop: less of a shared CPU for the client
     print(summary.text())
     if summary.interrupted:
         return 130

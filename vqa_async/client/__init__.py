@@ -13,6 +13,6 @@ It imports no torch: it needs aiohttp, Pillow and orjson only.
 from vqa_async.client.aio import AsyncClient
 from vqa_async.client.errors import Answer, Response, VqaError
 from vqa_async.client.sync import Client
-from vqa_async.client.upload import ImageLike
+from vqa_async.client.upload import ImageLike, Prepared
 
-__all__ = ["Answer", "AsyncClient", "Client", "ImageLike", "Response", "VqaError"]
+__all__ = ["Answer", "AsyncClient", "Client", "ImageLike", "Prepared", "Response", "VqaError"]

@@ -8,7 +8,8 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +19,8 @@ import orjson
 import vqa_async.client.upload as upload
 from vqa_async import __version__
 from vqa_async.client.errors import Answer, Response, VqaError
-from vqa_async.client.upload import ImageLike, Source
+from vqa_async.client.lookahead import Lookahead
+from vqa_async.client.upload import ImageLike, Prepared
 
 # Answers that say "not now" rather than "no": the server's full queue or loading model (503), a client over its
 # quota or rate (429), and a front whose worker vanished (502). Each comes with Retry-After from our servers.
@@ -98,41 +100,70 @@ class AsyncClient:
         async with self._limit:
             t0 = time.monotonic()
             rid = uuid.uuid4().hex  # one id for every attempt: the server's logs tie them together
-            source: Source | None = None
+            prepared: Prepared | None = None
             key: str | None = None
             if upload.is_url(image):
                 key = f"url:{image}"
             elif image is not None:
-                source = await asyncio.to_thread(upload.load, image)
-                key = source.key
+                prepared = await self.prepare(image)
+                key = prepared.key
             known = image_id or (self._ids.get(key) if key else None)
             attempts = 0
             if known:
-                resp = await self._post("/v1/vqa", _vqa_form(qs, image_id=known), rid)
+                resp = await self._post("/v1/vqa", await _form(qs, image_id=known), rid)
                 attempts = resp.attempts
                 if not (image is not None and resp.status == 409 and _code(resp.body) == "image_not_cached"):
                     return self._answer(resp, key, t0, attempts, 0)
                 self._ids.pop(key or "", None)
             sent = 0
-            if source is None:  # a URL
-                resp = await self._post("/v1/vqa", _vqa_json(qs, image_url=str(image)), rid)
+            if prepared is None:  # a URL
+                resp = await self._post("/v1/vqa", _json_body({"image_url": str(image), **_asked(qs)}), rid)
             else:
-                up = await asyncio.to_thread(upload.prepare, source, await self._max_side())
+                up = prepared.upload
+                if up is None:  # the server had the image when it was prepared, and no longer has
+                    up = await asyncio.to_thread(upload.prepare, prepared.source, await self.upload_side())
                 sent = len(up.data)
-                resp = await self._post("/v1/vqa", _vqa_form(qs, image=up), rid)
+                resp = await self._post("/v1/vqa", await _form(qs, image=up), rid)
             return self._answer(resp, key, t0, attempts + resp.attempts, sent)
+
+    async def prepare(self, image: ImageLike) -> Prepared:
+        """`image` read, named and made ready to upload (shrunk if it is a photo), for `ask` to take as its image.
+        A job that prepares its next images while the current ones are being answered (ask_many and `vqa-async
+        batch` do) sends each request the moment a slot frees: the server sees requests arrive together and
+        answers them in full batches. An image the server holds already (by an earlier answer) is not
+        re-encoded. Not for a URL, which the server fetches itself."""
+        if isinstance(image, Prepared):
+            return image
+        if upload.is_url(image):
+            raise ValueError("an http(s) URL is fetched by the server: ask with the URL as it is")
+        return await asyncio.to_thread(upload.ready, image, await self.upload_side(), self._ids.__contains__)
+
+    def prepare_now(self, images: list[ImageLike | None], max_side: int) -> list[ImageLike | None | Exception]:
+        """`prepare` for several images, here and now (in a worker thread: see Lookahead); a URL or None as it
+        is, and the error (VqaError `image_unreadable`, TypeError) in place of an image that could not be
+        read."""
+        out: list[ImageLike | None | Exception] = []
+        for image in images:
+            if image is None or upload.is_url(image):
+                out.append(image)
+                continue
+            try:
+                out.append(upload.ready(image, max_side, self._ids.__contains__))
+            except Exception as e:  # noqa: BLE001 - handed to the request that asks about this image
+                out.append(e)
+        return out
 
     async def ask_many(self, jobs: Iterable[Job]) -> AsyncIterator[tuple[int, Answer | VqaError]]:
         """(index, Answer or VqaError) for each (image, question or questions) of `jobs`, as they are answered.
-        `jobs` is read lazily: at most `concurrency` of them are started at a time, so it may be endless."""
-        it = iter(enumerate(jobs))
+        `jobs` is read lazily: at most `concurrency` of them are asked at a time, and the images of as many more
+        are prepared meanwhile (see `prepare`), so it may be endless."""
+        ahead = Lookahead(self, enumerate(jobs), lambda job: job[1][0])
         pending: dict[asyncio.Task[Answer], int] = {}
 
         def fill() -> None:
-            while len(pending) < self.concurrency and (nxt := next(it, None)) is not None:
-                i, (image, q) = nxt
-                call = self.ask(image, q) if isinstance(q, str) else self.ask(image, questions=q)
-                pending[asyncio.ensure_future(call)] = i
+            while len(pending) < self.concurrency and (nxt := ahead.take()) is not None:
+                (i, (_, q)), image = nxt
+                pending[asyncio.ensure_future(self._ask_soon(image, q))] = i
 
         try:
             fill()
@@ -151,25 +182,27 @@ class AsyncClient:
         finally:
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*pending, ahead.cancel(), return_exceptions=True)
+
+    async def _ask_soon(self, image: Awaitable[ImageLike | None], q: Questions) -> Answer:
+        ready = await image
+        return await self.ask(ready, q) if isinstance(q, str) else await self.ask(ready, questions=q)
 
     async def chat_completions(self, body: dict[str, Any]) -> Response:
         """POST `body` as it is to /v1/chat/completions (OpenAI's shape), with the same retries; the HTTP answer
         as it came, errors included (a connection that never came raises VqaError)."""
         async with self._limit:
-            return await self._post("/v1/chat/completions", lambda: {"data": orjson.dumps(body), "headers": {
-                "Content-Type": "application/json"}}, uuid.uuid4().hex)
+            return await self._post("/v1/chat/completions", _json_body(body), uuid.uuid4().hex)
 
     # -- plumbing ------------------------------------------------------------------------------------------------
-    async def _post(self, path: str, request: Callable[[], dict[str, Any]], rid: str) -> Response:
-        """One POST, retried as the class says. `request` makes aiohttp's arguments afresh for each attempt (a
-        form is consumed by sending it)."""
+    async def _post(self, path: str, body: Body, rid: str) -> Response:
+        """One POST of `body`, encoded once before (the same bytes go again on a retry), retried as the class
+        says."""
+        headers = {"X-Request-ID": rid, "Content-Type": body.content_type}
         for attempt in range(1, self.retries + 2):
             last = attempt > self.retries
             try:
-                kwargs = request()
-                headers = {"X-Request-ID": rid, **kwargs.pop("headers", {})}
-                async with self._http().post(self.url + path, headers=headers, **kwargs) as r:
+                async with self._http().post(self.url + path, data=body.data, headers=headers) as r:
                     raw = await r.read()
                     resp = Response(r.status, r.headers.get("X-Request-ID"), _json(raw), attempt, dict(r.headers))
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
@@ -196,7 +229,7 @@ class AsyncClient:
         cap = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
         return random.uniform(cap / 2, cap)
 
-    async def _max_side(self) -> int:
+    async def upload_side(self) -> int:
         """Twice the model's input size, as /readyz names it; the default model size's when it does not."""
         if self.max_side is not None:
             return self.max_side
@@ -246,25 +279,33 @@ def _questions(question: str | None, questions: Sequence[str] | None) -> list[st
     return [question]
 
 
-def _vqa_form(qs: list[str], *, image: upload.Upload | None = None,
-              image_id: str | None = None) -> Callable[[], dict[str, Any]]:
-    def make() -> dict[str, Any]:
-        form = aiohttp.FormData()
-        if image is not None:
-            form.add_field("image", image.data, filename=image.filename, content_type=image.content_type)
-        if image_id is not None:
-            form.add_field("image_id", image_id)
-        for q in qs:
-            form.add_field("question", q)
-        return {"data": form}
+@dataclass(frozen=True)
+class Body:
+    """A request body, encoded once: an upload is not re-encoded for each retry, and sending it is one write."""
 
-    return make
+    data: bytes
+    content_type: str
 
 
-def _vqa_json(qs: list[str], *, image_url: str) -> Callable[[], dict[str, Any]]:
-    body = orjson.dumps({"image_url": image_url, "questions": qs} if len(qs) > 1 else
-                        {"image_url": image_url, "question": qs[0]})
-    return lambda: {"data": body, "headers": {"Content-Type": "application/json"}}
+async def _form(qs: list[str], *, image: upload.Upload | None = None, image_id: str | None = None) -> Body:
+    """/v1/vqa's multipart form (aiohttp's FormData, encoded to bytes)."""
+    form = aiohttp.FormData()
+    if image is not None:
+        form.add_field("image", image.data, filename=image.filename, content_type=image.content_type)
+    if image_id is not None:
+        form.add_field("image_id", image_id)
+    for q in qs:
+        form.add_field("question", q)
+    writer = form()
+    return Body(await writer.as_bytes(), writer.content_type)
+
+
+def _json_body(obj: dict[str, Any]) -> Body:
+    return Body(orjson.dumps(obj), "application/json")
+
+
+def _asked(qs: list[str]) -> dict[str, Any]:
+    return {"questions": qs} if len(qs) > 1 else {"question": qs[0]}
 
 
 def _json(raw: bytes) -> Any:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from vqa_async.client.aio import AsyncClient, Job
 from vqa_async.client.errors import Answer, Response, VqaError
-from vqa_async.client.upload import ImageLike
+from vqa_async.client.upload import ImageLike, Prepared
 
 T = TypeVar("T")
 _END = object()
@@ -51,6 +51,9 @@ class Client:
     def ask(self, image: ImageLike | None = None, question: str | None = None, *,
             questions: Sequence[str] | None = None, image_id: str | None = None) -> Answer:
         return self._run(self._async.ask(image, question, questions=questions, image_id=image_id))
+
+    def prepare(self, image: ImageLike) -> Prepared:
+        return self._run(self._async.prepare(image))
 
     def chat_completions(self, body: dict[str, Any]) -> Response:
         return self._run(self._async.chat_completions(body))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard, Union
@@ -30,7 +31,7 @@ UPLOAD_BUDGET = 900 * 1024
 PNG_PIXELS = 512 * 512
 JPEG_QUALITY = 90  # what the page uses (canvas.toBlob(..., 0.9))
 
-ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image]
+ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, "Prepared"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,19 @@ class Source:
 
     content: bytes | Image.Image
     key: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image read and made ready to upload ahead of its request (AsyncClient.prepare). `upload` is None when
+    the server was known to hold the image then: it is made only if the server has since forgotten it."""
+
+    source: Source
+    upload: Upload | None
+
+    @property
+    def key(self) -> str:
+        return self.source.key
 
 
 def is_url(image: object) -> TypeGuard[str]:
@@ -70,6 +84,14 @@ def load(image: ImageLike) -> Source:
     else:
         raise TypeError(f"an image is a path, bytes or a PIL image, not {type(image).__name__}")
     return Source(data, "sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def ready(image: ImageLike, max_side: int, known: Callable[[str], bool]) -> Prepared:
+    """load() and prepare() in one call (one trip to a worker thread); no upload for an image `known` names."""
+    if isinstance(image, Prepared):
+        return image
+    source = load(image)
+    return Prepared(source, None if known(source.key) else prepare(source, max_side))
 
 
 def prepare(source: Source, max_side: int) -> Upload:
