@@ -21,6 +21,7 @@ SCENARIOS = {
     "page-user": ("page_user", "a person on the page beside a bulk client, per --preempt-share"),
     "breakdown": ("breakdown", "where the CPU time goes, by stage and process"),
     "chaos": ("chaos", "the cluster under load while workers are killed, stalled and reloaded"),
+    "batch-job": ("batch_job", "vqa-async batch vs the bench's load generator on the same load (answers/s)"),
     "tls": ("tls", "P95 over https vs http at the cluster's front"),
     "http-floor": ("http_floor", "CPU per request of HTTP and upload parsing alone, no model"),
     "many-parts": ("many_parts", "how fast serve refuses a form of 160,000 parts"),

@@ -249,3 +249,13 @@ def test_page_user_runs_tiny_and_reports_a_row_per_share() -> None:
     for r in rows:
         assert r["person_median_ms_alone"] > 0 and r["person_median_ms_beside_bulk"] > 0, r
         assert r["bulk_answers_per_s"] > 0, r
+
+
+def test_batch_job_runs_tiny_and_compares_the_job_with_the_bench_on_new_uploads() -> None:
+    out = json.loads(bench("batch-job", "--requests", "24", "--repeats", "1", "--concurrency", "4").strip()
+                     .splitlines()[-1])
+    assert {r["who"] for r in out["runs"]} == {"batch-job", "bench"}
+    for r in out["runs"]:
+        assert r["answered"] == 24 and r["failed"] == 0, r
+        assert r["cache_hits"] == 0 and r["dedups"] == 0, r  # the job's uploads are as new as the bench's
+    assert len(out["ratios"]) == 1 and out["ratio_median"] > 0
