@@ -159,3 +159,27 @@ def test_a_follow_up_whose_worker_died_is_answered_elsewhere(own_cluster: Runnin
     assert status == 200 and headers["x-served-by"] == new_worker, (status, headers, reply)
     stats = cluster.server_status()
     assert len(stats) == 2
+
+
+def test_the_python_client_asks_follow_ups_by_id_on_the_worker_that_holds_the_image(
+        cluster: RunningCluster, easy_vqa_images: list[Path]) -> None:
+    """vqa_async.client through the cluster's front: ask_many over new images (prepared ahead), then the same
+    images again: sent by image_id (nothing uploaded), answered by the worker that holds each (no cache miss)."""
+    from vqa_async.client import Client, VqaError
+
+    until_both_workers_are_up(cluster)
+    paths = easy_vqa_images[10:18]
+    hits0, misses0 = cache_counts(cluster.url)
+    with Client(cluster.url, concurrency=8) as vqa:
+        first = dict(vqa.ask_many((p, QUESTIONS[0]) for p in paths))
+        assert sorted(first) == list(range(len(paths)))
+        assert not any(isinstance(a, VqaError) for a in first.values()), first
+        again = dict(vqa.ask_many((p, QUESTIONS[1]) for p in paths))
+    for i, a in again.items():
+        assert not isinstance(a, VqaError), a
+        before = first[i]
+        assert not isinstance(before, VqaError)
+        assert a.upload_bytes == 0 and a.image_id == before.image_id  # a follow-up by id
+    hits, misses = cache_counts(cluster.url)
+    assert misses - misses0 == len(paths)  # one vision pass per image: every follow-up found its worker
+    assert hits - hits0 == len(paths)
