@@ -42,8 +42,8 @@ class Settings:
     max_wait_ms: float = field(default=-1.0, metadata={
         "help": "longest wait for more work when requests are on their way (-1: 5 ms on CPU, 2 ms on CUDA)"})
     return_window_ms: float = field(default=-1.0, metadata={
-        "help": "after a batch is answered, how long to wait for its clients to come back with their next request, "
-                "so that they go in one batch (-1: --max-wait-ms; 0: never wait for them)"})
+        "help": "after a batch is answered, how long (from that answer) to wait for its clients to come back with "
+                "their next request, so that they go in one batch (-1: --max-wait-ms; 0: never wait for them)"})
     max_queue: int = field(default=256, metadata={"help": "requests waiting for the model before 503"})
     timeout_s: float = field(default=30.0, metadata={"help": "deadline of a request, from arrival (504 after)"})
     max_body_mb: float = field(default=10.0, metadata={"help": "largest request body (413 above)"})

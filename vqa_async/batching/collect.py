@@ -20,9 +20,9 @@ class BatchCollector:
     a round trip, but the requests of several such clients arrive a little apart; without this wait the first
     of them would go alone and the rest would make the next batch, and the two halves would then alternate
     for good. `answered(n)` tells the collector that n requests were just answered: it then waits for up to n
-    arrivals (any client's: it cannot know whose), at most until `return_window_s` after that answer, so a
-    client that does not come back costs one such window and an idle server none. Everything already queued
-    is always taken at once.
+    arrivals (any client's: it cannot know whose), at most until `return_window_s` after that answer (whatever
+    `max_wait_s` is), so a client that does not come back costs one such window and an idle server none.
+    Everything already queued is always taken at once.
 
     With `fair` (the default), what is queued is sorted into one line per client (`WorkItem.client`) and each
     batch is filled round-robin across the lines, `WorkItem.weight` requests per client per round: a client
@@ -66,8 +66,13 @@ class BatchCollector:
         if self._returning and item.enqueued_at >= self._answered_at:
             self._returning -= 1
 
-    def answered(self, requests: int) -> None:
-        """`requests` were just answered: their clients may be on their way back (see the class)."""
+    def answered(self, requests: int, more: bool = False) -> None:
+        """`requests` were just answered: their clients may be on their way back (see the class). `more`: they
+        were answered right after the last batch (requests handed over as it ended), so they add to its count and
+        its window stays."""
+        if more:
+            self._returning += requests
+            return
         self._returning = requests
         self._answered_at = self.clock()
 
@@ -92,9 +97,9 @@ class BatchCollector:
             if size >= limit or self._held:  # full, or what is left does not fit
                 break
             now = self.clock()
-            remaining = deadline - now
-            if self.incoming() == 0:  # nobody on the way but, perhaps, the clients just answered
-                remaining = min(remaining, self._return_wait(now))
+            # While requests are being preprocessed, up to max_wait_s; else only for the clients just answered,
+            # until return_window_s after their answer.
+            remaining = deadline - now if self.incoming() else self._return_wait(now)
             if remaining <= 0:
                 break
             try:

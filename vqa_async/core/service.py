@@ -169,11 +169,10 @@ class VqaService:
             batch = await self.collector.collect(self.runner.cap)
             self.metrics.queue_depth.set(self.collector.pending())
             await self._run(loop, batch)
-            answered = len(batch)
+            self.collector.answered(len(batch))
             for late in self.runner.preemption.take_unstarted():  # handed over as the batch ended: they go first
                 await self._run(loop, late)
-                answered += len(late)
-            self.collector.answered(answered)
+                self.collector.answered(len(late), more=True)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem[VqaPayload]]) -> None:
         run = asyncio.ensure_future(self.runner.run(loop, batch))
