@@ -80,3 +80,14 @@ async def test_cancel_stops_what_was_not_handed_out() -> None:
     assert taken[1].cancelled()
     with pytest.raises(asyncio.CancelledError):
         await taken[1]
+
+
+async def test_a_failure_of_the_whole_chunk_reaches_each_of_its_requests() -> None:
+    class Broken(FakePreparer):
+        def prepare_now(self, images: list[ImageLike | None], max_side: int) -> list[ImageLike | None | Exception]:
+            raise RuntimeError("a bug")
+
+    ahead = Lookahead(Broken(), iter(range(3)), lambda item: f"img{item}")
+    while (nxt := ahead.take()) is not None:
+        with pytest.raises(RuntimeError, match="a bug"):
+            await nxt[1]

@@ -240,7 +240,7 @@ async def run(lines: list[Line], output: Path, client: AsyncClient, concurrency:
                 asking -= 1
             written(record)
 
-    senders = [asyncio.create_task(sender()) for _ in range(concurrency)]
+    senders: list[asyncio.Task[None]] = []
 
     def interrupt() -> None:
         if stopping.is_set():
@@ -253,21 +253,24 @@ async def run(lines: list[Line], output: Path, client: AsyncClient, concurrency:
 
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
-    loop.add_signal_handler(signal.SIGINT, interrupt)
     try:
-        for result in await asyncio.gather(*senders, return_exceptions=True):
-            if isinstance(result, Exception):  # a bug, not a line's failure (those are in OUTPUT)
-                raise result
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        senders += [asyncio.create_task(sender()) for _ in range(concurrency)]
+        finished, _ = await asyncio.wait(senders, return_when=asyncio.FIRST_EXCEPTION)
+        for task in finished:
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error  # a bug, not a line's failure (those are in OUTPUT): the other senders stop too
     finally:
         for task in senders:  # only when something unexpected ended one
             task.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
         loop.remove_signal_handler(signal.SIGINT)
         summary.elapsed_s = time.monotonic() - t0
         summary.interrupted = stopping.is_set()
         summary.dropped = len(todo) - summary.answered - summary.failed
-        await ahead.cancel()
-        bar.close()
         writer.close()
+        bar.close()
+        await ahead.cancel()
     return summary
 
 

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict[str, Any]] = []
     try:
         sysm = start(args.target, setup)
-        run_bench(sysm, pictures, 200, args.concurrency)  # warm-up: connections, first batches
+        run_bench(sysm, pictures, min(200, args.requests), args.concurrency)  # warm-up: connections, first batches
         for r in range(args.repeats):
             job = write_job(tmp / f"repeat-{r}", pictures, args.requests)
             pair = []

@@ -63,15 +63,15 @@ class Lookahead(Generic[T]):
     async def _prepare(self, images: list[ImageLike | None], soon: list[asyncio.Future[ImageLike | None]]) -> None:
         try:
             ready = await asyncio.to_thread(self._client.prepare_now, images, await self._client.upload_side())
-        except BaseException as e:  # cancelled (or a bug): nobody may wait for these forever
+        except asyncio.CancelledError:
             for future in soon:
-                if future.done():
-                    continue
-                if isinstance(e, asyncio.CancelledError):
-                    future.cancel()
-                else:
-                    future.set_exception(e)
+                future.cancel()
             raise
+        except Exception as e:  # a bug: the requests waiting for these images get it (nobody awaits this task)
+            for future in soon:
+                if not future.done():
+                    future.set_exception(e)
+            return
         for future, result in zip(soon, ready, strict=True):
             if future.done():  # cancelled
                 continue

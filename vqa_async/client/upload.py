@@ -31,7 +31,9 @@ UPLOAD_BUDGET = 900 * 1024
 PNG_PIXELS = 512 * 512
 JPEG_QUALITY = 90  # what the page uses (canvas.toBlob(..., 0.9))
 
-ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, "Prepared"]
+# What load() reads; a caller may also hand a Prepared one (AsyncClient.prepare) wherever an image goes.
+Loadable = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image]
+ImageLike = Union[Loadable, "Prepared"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def is_url(image: object) -> TypeGuard[str]:
     return isinstance(image, str) and image.startswith(("http://", "https://"))
 
 
-def load(image: ImageLike) -> Source:
+def load(image: Loadable) -> Source:
     """Read the caller's image (a path is read here); VqaError `image_unreadable` when a file cannot be read."""
     if isinstance(image, Image.Image):
         digest = hashlib.sha256(f"{image.mode}:{image.size}:".encode())
