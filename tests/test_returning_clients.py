@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +19,7 @@ import pytest
 from cluster_support import stop_process
 
 from bench.lib.loadgen import wait_ready
+from bench.lib.metrics import scrape
 from vqa_async.batching.collect import BatchCollector
 from vqa_async.batching.work import WorkItem
 from vqa_async.cluster.supervisor import free_port
@@ -100,13 +100,8 @@ async def test_a_client_that_does_not_come_back_costs_one_window_and_an_idle_ser
 
 
 def _batches(url: str) -> tuple[float, float]:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        lines = r.read().decode().splitlines()
-
-    def value(name: str) -> float:
-        return next(float(line.split()[-1]) for line in lines if line.startswith(name + " "))
-
-    return value("vqa_batch_size_sum"), value("vqa_batch_size_count")
+    page = scrape(url + "/metrics")
+    return page["vqa_batch_size_sum"], page["vqa_batch_size_count"]
 
 
 def test_closed_loop_clients_a_little_apart_ride_one_batch(demo_dir: Path, easy_vqa_images: list[Path]) -> None:

@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.lib.loadgen import load, multipart
+from bench.lib.loadgen import load
 from bench.lib.metrics import counted
 from bench.lib.systems import System, add_setup_arguments, setup_from, start, stop_all
-from bench.lib.workloads import STAMP, Picture, content_type, source_images
+from bench.lib.workloads import STAMP, Picture, Workload, content_type, forms_of, source_images
 
 RATE = re.compile(r"answered (\d+), failed (\d+).*?([\d.]+) answers/s")
 
@@ -64,11 +64,7 @@ def run_batch_job(sysm: System, job: Path, concurrency: int) -> dict[str, Any]:
 
 
 def run_bench(sysm: System, pictures: list[Picture], n: int, concurrency: int) -> dict[str, Any]:
-    forms = []
-    for i in range(n):
-        p = pictures[i % len(pictures)]
-        data = STAMP(p.data)
-        forms.append(multipart(data, [p.question], *content_type(data)))
+    forms = forms_of(Workload("distinct", pictures=pictures).jobs(n))  # write_job's pictures, in its order
     before = counted(sysm.metrics_urls)
     t0 = time.monotonic()
     results = load(sysm.url + "/v1/vqa", forms, concurrency)
