@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 WORKERS ?= 2
 PORT ?= 8080
 
-.PHONY: run serve test bench system install install-test
+.PHONY: run serve test bench docs system install install-test
 
 run: install system  ## the main job: the HAProxy cluster on the demo model at http://127.0.0.1:$(PORT)
 	$(VENV)/bin/vqa-async cluster --workers $(WORKERS) --port $(PORT)
@@ -22,6 +22,9 @@ test: install-test system  ## the whole suite (CI runs exactly this)
 bench: install-test system  ## baseline, serve, cluster, ceiling and LitServe on new uploads, demo model -> bench/out
 	$(PY) -m bench sweep --systems baseline,serve,cluster,ceiling,litserve --concurrency 1,8,32,100 \
 	  --workload distinct --repeats 3 --requests 600 --out bench/out
+
+docs: install-test  ## the manual (docs/, mkdocs.yml) built strictly into site/: a broken link or anchor fails it
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 system:  ## Debian packages: HAProxy (the front), Chromium + driver (page tests), ab (load checks),
          ## iproute2 + dnsmasq (network-namespace hosts and DNS discovery in tests/test_fleet.py),
