@@ -153,8 +153,10 @@ def _binary_elements(data: memoryview, name: str) -> list[bytes]:
 
 def _json_elements(data: object, name: str) -> list[bytes]:
     """A BYTES tensor in JSON: strings in a list, nested as the shape (row-major); the image's is base64."""
+    if not isinstance(data, list):
+        raise bad("invalid_field", f"the input '{name}': 'data' must be a list (of strings, for BYTES)")
     flat: list[object] = []
-    stack = [data]
+    stack: list[object] = [data]
     while stack:  # depth-first, in order
         item = stack.pop()
         if isinstance(item, list):
