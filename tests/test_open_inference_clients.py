@@ -138,6 +138,15 @@ def test_tritonclient_metadata_readiness_and_errors(server: Serve, easy_vqa_imag
             return e.value
 
         good = easy_vqa_images[0].read_bytes()
+        # No outputs named: tritonclient asks for every output in binary (parameters.binary_data_output).
+        img = triton.InferInput("image", [1], "BYTES")
+        img.set_data_from_numpy(np.array([good], dtype=np.object_))
+        asked = ["what shape is in the image?", "what color is the shape?"]
+        question = triton.InferInput("question", [1, 2], "BYTES")
+        question.set_data_from_numpy(np.array([[q.encode() for q in asked]], dtype=np.object_))
+        result = client.infer(MODEL, [img, question], headers=dict(AUTH))
+        assert result.as_numpy("answer").shape == (1, 2)
+        assert _text(result.as_numpy("answer")) == direct_post(server.url, good, asked)["answers"]
         for err, status, words in ((refused(MODEL, b"not a picture", AUTH), "400", "image"),
                                    (refused("resnet50", good, AUTH), "404", "unknown model"),
                                    (refused(MODEL, good, {"Authorization": "Bearer wrong"}), "401", "key")):
