@@ -21,9 +21,14 @@ BYTES_OR_STATE = {"invalid_image", "unsupported_image_format", "image_too_large"
                   "invalid_multipart"}
 # JSON Schema cannot count images across messages, nor bound the text of the last user message only.
 CONVERSATION = {"missing_image", "too_many_images", "missing_question", "empty_question", "question_too_long"}
+# The Open Inference Protocol's tensors are generic: a schema cannot say which input is required, that a tensor's
+# element count is its shape's product, that the image's element is base64, nor bound each question; and the binary
+# form (application/octet-stream) is a JSON part and tensors that `format: binary` cannot describe.
+V2_TENSORS = {"missing_image", "missing_question", "invalid_field", "invalid_base64", "empty_question",
+              "question_too_long", "too_many_questions", "image_and_image_id", "invalid_utf8", "invalid_json"}
 # Who is asking and how much: credentials and limits, not the request's shape.
 NOT_SHAPE_STATUSES = {401, 408, 429, 503}
-_CODE = re.compile(r'"code":\s*"([a-z_]+)"|<code>\(([a-z_]+)\)</code>')
+_CODE = re.compile(r'"code":\s*"([a-z0-9_]+)"|<code>\(([a-z0-9_]+)\)</code>')
 
 
 def refusal_code(text: str) -> str | None:
@@ -48,7 +53,8 @@ def valid_data_is_refused_only_for_its_bytes(ctx: Any, response: Any, case: Any)
     if response.status_code < 400 or response.status_code in NOT_SHAPE_STATUSES:
         return None
     code = refusal_code(response.text)
-    allowed = BYTES_OR_STATE | (CONVERSATION if case.path == "/v1/chat/completions" else set())
+    allowed = BYTES_OR_STATE | (CONVERSATION if case.path == "/v1/chat/completions" else set()) | (
+        V2_TENSORS if case.path == "/v2/models/{name}/infer" else set())
     if code == "question_too_long" and _made_up_form_question(case):
         return None
     if code not in allowed:

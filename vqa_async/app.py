@@ -13,7 +13,7 @@ from aiohttp import web
 
 from vqa_async.config import Settings
 from vqa_async.core.service import VqaService
-from vqa_async.http import handlers, openai_api, page
+from vqa_async.http import handlers, open_inference, openai_api, page
 from vqa_async.http.accesslog import AccessLog
 from vqa_async.http.auth import Auth, KeyRing, auth_middleware
 from vqa_async.http.errors import error_middleware
@@ -52,9 +52,10 @@ def init_app(settings: Settings) -> web.Application:
     app.router.add_get("/static/page.css", page.style)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/v2/health/live", handlers.healthz)  # KServe v2's names for the same probes
-    app.router.add_get("/v2/health/ready", handlers.readyz)
+    app.router.add_get("/v2/health/live", open_inference.live)  # KServe v2's names for the same probes
+    app.router.add_get("/v2/health/ready", open_inference.ready)
     openai_api.add_routes(app)  # POST /v1/chat/completions, GET /v1/models
+    open_inference.add_routes(app)  # GET /v2, /v2/models/{name}[/ready], POST /v2/models/{name}/infer
     app.router.add_get("/metrics", handlers.metrics)
     if multiprocess_dir():  # a worker of `vqa-async cluster`: the front's /metrics comes here
         app.router.add_get(SUM_ROUTE, handlers.metrics_summed)

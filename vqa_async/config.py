@@ -27,7 +27,9 @@ def _default_device() -> str:
 # Variables of ours that are not settings (the test faults' file and demo model, the bench's photo set, the key
 # `vqa-async batch` sends): allowed beside the settings' own. Any other VQA_* is a mistake, refused at start (a
 # misspelled VQA_API_KEYS must not start a server without authentication).
-OTHER_ENV = frozenset({"VQA_TEST_FAULT_FILE", "VQA_TEST_DEMO_DIR", "VQA_PHOTOS_DIR", "VQA_CLIENT_API_KEY"})
+# VQA_IMAGE_ID_SECRET: a secret, not a setting (core/image_ids.py); the cluster hands it to its workers.
+OTHER_ENV = frozenset({"VQA_TEST_FAULT_FILE", "VQA_TEST_DEMO_DIR", "VQA_PHOTOS_DIR", "VQA_CLIENT_API_KEY",
+                       "VQA_IMAGE_ID_SECRET"})
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 from pathlib import Path
@@ -32,6 +33,7 @@ from vqa_async.cluster.reload import Reloader, ReloadFailed, ReloadTiming
 from vqa_async.cluster.runtime import prepare_dir, runtime_dir_for, write_atomic, write_json
 from vqa_async.cluster.workers import SICK_GRACE_S, Patience, Worker, stop_process
 from vqa_async.config import Settings
+from vqa_async.core import image_ids
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class Cluster:
         self.api = haproxy.RuntimeApi(self.admin_socket)
         self.metrics_dir = metrics_dir.prepare(self.runtime_dir)
         env = metrics_dir.worker_env(self.metrics_dir)
+        # One secret for every worker, restarts and reloads included: they must give a key the same image ids.
+        env[image_ids.SECRET_ENV] = env.get(image_ids.SECRET_ENV) or secrets.token_hex(32)
         # A spare only replaces local workers: none for a front whose workers all run elsewhere.
         self.spares = SparePool(options.spares if options.workers else 0, on_change=self.write_state, env=env)
         self.launcher = Launcher(self.spares, env, self.metrics_dir)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,8 @@ from vqa_async.batching.work import Done, WorkItem
 from vqa_async.config import Settings
 from vqa_async.core.adapter import ImageNotCached, VqaAdapter, VqaPayload
 from vqa_async.core.cache import ImageEmbeddingCache
+from vqa_async.core.image_ids import cache_key
+from vqa_async.core.image_ids import image_id as id_of_image
 from vqa_async.metrics import Metrics
 from vqa_async.model.answer import Answered, Answerer
 from vqa_async.model.loader import LoadedModel, load_model
@@ -58,7 +59,7 @@ class Outcome:
     compute_ms: float
     batch_size: int
     preprocess_ms: float = 0.0
-    image_id: str = ""  # the sha256 of the image's bytes: the key of its cached embedding, for follow-ups
+    image_id: str = ""  # the image's id for the client who asked (core/image_ids.py), for follow-ups
 
 
 class VqaService:
@@ -190,15 +191,16 @@ class VqaService:
 
     # -- the request path -------------------------------------------------------------------------------------
     async def ask(self, image: bytes | None, questions: list[str], client: str = "", weight: int = 1,
-                  image_id: str | None = None) -> Outcome:
+                  image_id: str | None = None, scope: bytes = b"") -> Outcome:
         """Raises ImageError (bad upload), ImageNotCached, Overloaded, NotReady, TimeoutError, or ItemFailed.
         `client` and `weight` are who asks and their share, for the collector's round-robin. A follow-up names
         its image by `image_id` (a previous Outcome's) instead of sending it: nothing is decoded, and the
-        embedding comes from the cache, or ImageNotCached."""
+        embedding comes from the cache, or ImageNotCached. `scope` is the client's (core/image_ids.py): with API
+        keys, image ids and cache entries are the asking client's own."""
         arrived = time.monotonic()
         if problem := self.readiness_problem():
             raise NotReady(problem)
-        if image_id is not None and not self.cache.holds(image_id):  # the model thread checks again
+        if image_id is not None and not self.cache.holds(cache_key(image_id, scope)):  # the model thread checks again
             raise ImageNotCached(image_id)
         # Admission counts the uploads still being decoded, so that under overload no CPU goes into decoding
         # what would then be refused.
@@ -210,10 +212,13 @@ class VqaService:
         self._incoming += 1
         try:
             if image is not None:
-                prepared = await loop.run_in_executor(self._prep_pool, self._prepare, image, questions)
+                answered, prepared = await loop.run_in_executor(self._prep_pool, self._prepare, image, questions,
+                                                                scope)
             else:
                 assert image_id is not None, "ask() needs an image or an image_id"
-                prepared = await loop.run_in_executor(self._prep_pool, self._follow_up, image_id, questions)
+                answered = image_id
+                prepared = await loop.run_in_executor(self._prep_pool, self._follow_up, cache_key(image_id, scope),
+                                                      questions)
         finally:
             self._incoming -= 1
         preprocess_s = time.monotonic() - arrived
@@ -229,21 +234,22 @@ class VqaService:
         done: Done[list[Answered]] = await asyncio.wait_for(item.future, max(0.0, deadline - time.monotonic()))
         return Outcome(done.result, round((done.started_at - item.enqueued_at) * 1000, 2),
                        round(done.compute_s * 1000, 2), done.batch_size, round(preprocess_s * 1000, 2),
-                       prepared.image_key)
+                       answered)
 
-    def _follow_up(self, image_id: str, questions: list[str]) -> VqaPayload:
-        """A follow-up by image id: only its questions to encode."""
+    def _follow_up(self, key: str, questions: list[str]) -> VqaPayload:
+        """A follow-up by image id (`key`: its cache key): only its questions to encode."""
         assert self.loaded is not None
         with self.metrics.stage("preprocess"):
             enc = self.loaded.tokenizer.encode(questions)
-        return VqaPayload(image_id, None, enc.input_ids, enc.attention_mask)
+        return VqaPayload(key, None, enc.input_ids, enc.attention_mask)
 
-    def _prepare(self, image: bytes, questions: list[str]) -> VqaPayload:
+    def _prepare(self, image: bytes, questions: list[str], scope: bytes) -> tuple[str, VqaPayload]:
+        """The image's id for the client of `scope`, and the request's inputs."""
         assert self.loaded is not None and self._upload is not None
         with self.metrics.stage("decode"):
             decoded = self._upload.decode(image)
         with self.metrics.stage("preprocess"):
-            key = hashlib.sha256(image).hexdigest()
+            image_id = id_of_image(image, scope)
             pixels = self._upload.pixels(decoded)
             enc = self.loaded.tokenizer.encode(questions)
-        return VqaPayload(key, pixels, enc.input_ids, enc.attention_mask)
+        return image_id, VqaPayload(cache_key(image_id, scope), pixels, enc.input_ids, enc.attention_mask)

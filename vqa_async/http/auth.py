@@ -24,6 +24,7 @@ from pathlib import Path
 
 from aiohttp import hdrs, web
 
+from vqa_async.core.image_ids import scope_of, server_secret
 from vqa_async.http.accesslog import PROBES
 from vqa_async.http.context import CLIENT, Client
 from vqa_async.http.errors import ApiError
@@ -42,8 +43,11 @@ WWW_AUTHENTICATE = 'Bearer realm="vqa-async"'
 class KeyRing:
     """The keys of one file, as hashes."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, secret: bytes | None = None) -> None:
         self.path = path
+        # The image ids' scopes derive from it and each key's hash (core/image_ids.py): every worker of a cluster
+        # is handed the same secret, so they all give a key the same ids.
+        self._secret = server_secret() if secret is None else secret
         self._stamp = _file_stamp(path)
         self._entries: list[tuple[bytes, Client]] = self._read()
 
@@ -101,7 +105,7 @@ class KeyRing:
             if digest in seen:
                 raise ValueError(f"{where}: the key of {name} is also the key of {seen[digest]}")
             seen[digest] = name
-            entries.append((digest, Client(name, weight)))
+            entries.append((digest, Client(name, weight, scope_of(self._secret, digest))))
         if not entries:
             raise ValueError(f"{self.path}: no keys (a line is NAME:KEY or NAME:KEY:WEIGHT)")
         return entries

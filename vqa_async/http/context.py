@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -17,6 +17,8 @@ class Client:
 
     name: str
     weight: int = 1
+    # With API keys, the secret that makes this key's image ids its own (core/image_ids.py); empty without keys.
+    scope: bytes = field(default=b"", repr=False, compare=False)
 
 
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -65,6 +65,22 @@ def openai_error_body(err: ApiError, error_id: str | None = None) -> dict[str, d
     return {"error": body}
 
 
+def uses_v2_shape(path: str) -> bool:
+    """The Open Inference Protocol's routes (vqa_async/http/open_inference.py) answer errors in its shape."""
+    return path == "/v2" or path.startswith("/v2/models/")
+
+
+def v2_error_body(err: ApiError, error_id: str | None = None) -> dict[str, str]:
+    """`{"error": "<message>"}` as the protocol (and tritonclient, KServe's SDK) has it, with our stable `code`
+    and the `request_id` (and `error_id` for an unexpected failure) beside it."""
+    body = {"error": err.message, "code": err.code}
+    if error_id:
+        body["error_id"] = error_id
+    if request_id := current_request_id():
+        body["request_id"] = request_id
+    return body
+
+
 def json_response(body: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
@@ -105,6 +121,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
                         "request_id": current_request_id()}
     elif uses_openai_shape(request.path):
         body = openai_error_body(err, err.headers.get("X-Error-Id"))
+    elif uses_v2_shape(request.path):
+        body = v2_error_body(err, err.headers.get("X-Error-Id"))
     else:
         body = error_body(err.code, err.message, err.headers.get("X-Error-Id"))
     return json_response(body, err.status, err.headers)

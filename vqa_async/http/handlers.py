@@ -27,14 +27,14 @@ async def ask(request: web.Request, vqa: VqaInput) -> Outcome:
     try:
         with request.app[INFLIGHT].hold(client.name):
             out = await request.app[SERVICE].ask(None if vqa.image_id else vqa.image, vqa.questions, client.name,
-                                                 client.weight, image_id=vqa.image_id)
+                                                 client.weight, image_id=vqa.image_id, scope=client.scope)
         request[OUTCOME] = out  # for Server-Timing and the access log
         return out
     except ImageError as e:
         raise ApiError(413 if e.code == "image_too_large" else 400, e.code, e.message) from e
     except ImageNotCached as e:  # not retried by the cluster: another worker holds it no more than this one
-        raise ApiError(409, "image_not_cached", f"image {e.image_id} is not cached here (evicted, or this server "
-                       "restarted): send the image again") from e
+        raise ApiError(409, "image_not_cached", f"image {vqa.image_id or e.image_id} is not cached here for you "
+                       "(evicted, this server restarted, or another key's image): send the image again") from e
     except Overloaded as e:
         raise ApiError(503, "overloaded", "too many requests are waiting; retry shortly",
                        {"Retry-After": "1"}) from e

@@ -12,6 +12,7 @@ from vqa_async.config import Settings
 from vqa_async.http.media_fetch import MAX_URL_CHARS
 from vqa_async.http.openapi_chat import ERROR_CODES as CHAT_ERROR_CODES
 from vqa_async.http.openapi_chat import chat_request, chat_schemas, openai_error
+from vqa_async.http.openapi_v2 import v2_error, v2_paths, v2_schemas
 from vqa_async.metrics import SUM_ROUTE, multiprocess_dir
 from vqa_async.model.preprocess import FORMAT_NAMES
 
@@ -180,6 +181,8 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                 "200": _answer("a list of one", _json("ModelList")),
                 "503": _answer("not_ready: the model is loading", _json("OpenAIError"), **RETRY_AFTER),
                 **({"401": _errors(settings, _json("OpenAIError"), keys)["401"]} if keys else {})}}},
+            **v2_paths(settings, secured, _errors(settings, _json("V2Error"), keys), _answer, _json, IMAGE_ID,
+                       RETRY_AFTER),
             "/metrics": {"get": {"summary": "Prometheus metrics",
                                  **({"security": secured["security"]} if metrics_401 else {}),
                                  "responses": {"200": _answer("the text format", {"text/plain": _STR}),
@@ -205,6 +208,7 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                                                        "as image_id to ask about the same image again"}}},
             "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
             **chat_schemas(), "OpenAIError": openai_error(ERROR_CODES),
+            **v2_schemas(), "V2Error": v2_error(ERROR_CODES),
             "Error": {"type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["code", "message"], "properties": {
                     "code": {"type": "string", "enum": ERROR_CODES}, "message": {"type": "string"},
