@@ -86,8 +86,8 @@ def test_variables_are_read_by_the_fields_type() -> None:
 
 def test_a_group_is_a_view_of_its_settings() -> None:
     s = Settings(device="cpu", max_batch_size=8, timeout_s=3)
-    assert s.batching == BatchingSettings(max_batch_size=8, max_wait_ms=5.0, return_window_ms=5.0, max_queue=256,
-                                          timeout_s=3)
+    assert s.group(BatchingSettings) == BatchingSettings(max_batch_size=8, max_wait_ms=5.0, return_window_ms=5.0,
+                                                         max_queue=256, timeout_s=3)
     assert isinstance(s, BatchingSettings)  # a function that needs one concern may take its group's type
 
 

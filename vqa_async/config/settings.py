@@ -78,14 +78,6 @@ class Settings(AskedSettings):
         """One concern's settings on their own (`settings.group(BatchingSettings)`)."""
         return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
 
-    @property
-    def server(self) -> ServerSettings:
-        return self.group(ServerSettings)
-
-    @property
-    def batching(self) -> BatchingSettings:
-        return self.group(BatchingSettings)
-
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 

@@ -50,19 +50,20 @@ def _by_status(*origins: Origin) -> dict[int, list[str]]:
     return out
 
 
-def _described(codes: list[str], content: dict[str, Any]) -> dict[str, Any]:
+def _described(codes: list[str], content: dict[str, Any], note: str = "") -> dict[str, Any]:
     """A response for these codes (of one status), described from the registry, with Retry-After where any has it."""
     text = "; ".join(f"{c}: {ERRORS[c].meaning}" for c in codes) if len(codes) < 4 else (
         "bad input; error.code says which: " + ", ".join(codes))
     headers = RETRY_AFTER if any(ERRORS[c].retry_after for c in codes) else {}
     extra = {"WWW-Authenticate": {"description": 'Bearer realm="vqa-async"', "required": True, **_STR}} \
         if "unauthorized" in codes else {}
-    return _answer(text, content, **headers, **extra)
+    return _answer(text + note, content, **headers, **extra)
 
 
-def _errors(content: dict[str, Any], keys: bool) -> dict[str, Any]:
+def _errors(settings: Settings, content: dict[str, Any], keys: bool) -> dict[str, Any]:
     """The failures of an answering route, with the body shape `content` (vqa_async/http/error_codes.py)."""
-    return {str(status): _described(codes, content)
+    notes = {408: f" (here {settings.body_timeout_s:g} s)", 504: f" (here {settings.timeout_s:g} s)"}
+    return {str(status): _described(codes, content, notes.get(status, ""))
             for status, codes in sorted(_by_status("request", *(("keys",) if keys else ())).items())}
 
 
@@ -131,7 +132,7 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
             "/v1/vqa": {"post": {
                 "summary": "Answer questions about an image", **secured, "requestBody": body,
                 "responses": {"200": _answer("the answer(s)", _json("Answer"), **IMAGE_ID),
-                              **_errors(_json("Error"), keys)}}},
+                              **_errors(settings, _json("Error"), keys)}}},
             "/vqa": {"post": {
                 "summary": "The deployment tutorial's endpoint (the first question is answered)", **secured,
                 "requestBody": body,
@@ -139,13 +140,13 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                     "type": "object", "required": ["status", "answer", "model_used"], "properties": {
                         "status": {"type": "string", "enum": ["success"]}, "answer": {"type": "string"},
                         "model_used": {"type": "string"}}}}}, **IMAGE_ID),
-                    **_errors(_json("LegacyError"), keys)}}},
+                    **_errors(settings, _json("LegacyError"), keys)}}},
             "/": {"get": {"summary": "The upload page", "responses": {"200": _answer("HTML", HTML)}},
                   "post": {"summary": "The upload page's form post (works without JavaScript); errors are the "
                                       "page with the message", "requestBody": {"required": True, "content": {
                                           "multipart/form-data": {"schema": page_form}}},
                            "responses": {"200": _answer("HTML with the answer", HTML, **IMAGE_ID),
-                                         **_errors({**HTML, **_json("Error")}, keys),
+                                         **_errors(settings, {**HTML, **_json("Error")}, keys),
                                          "403": _described(["cross_site"], HTML)}}},
             "/static/page.js": {"get": {"summary": "The upload page's script (shrinks photos before sending them)",
                                         "responses": {"200": _answer("JavaScript", {"text/javascript": {}})}}},
@@ -164,11 +165,11 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                     "application/json": {"schema": chat_request(settings)}}},
                 "responses": {"200": _answer("the answer; server-sent events with stream: true", {
                     **_json("ChatCompletion"), "text/event-stream": {"schema": {"type": "string"}}}),
-                    **_errors(_json("OpenAIError"), keys)}}},
+                    **_errors(settings, _json("OpenAIError"), keys)}}},
             "/v1/models": {"get": {"summary": "OpenAI-compatible: the loaded model", **secured, "responses": {
                 "200": _answer("a list of one", _json("ModelList")),
                 "503": _described(["not_ready"], _json("OpenAIError")),
-                **({"401": _errors(_json("OpenAIError"), keys)["401"]} if keys else {})}}},
+                **({"401": _errors(settings, _json("OpenAIError"), keys)["401"]} if keys else {})}}},
             "/metrics": {"get": {"summary": "Prometheus metrics",
                                  **({"security": secured["security"]} if metrics_401 else {}),
                                  "responses": {"200": _answer("the text format", {"text/plain": _STR}),
