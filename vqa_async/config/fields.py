@@ -29,9 +29,9 @@ def setting(default: T, help: str, *, auto: str | None = None, flag: str | None 
 
 
 def setting_list(help: str, **kw: Any) -> Any:
-    """A list-valued option (empty by default)."""
-    field = setting(None, help, **kw)
-    return dataclasses.field(default_factory=list, metadata=field.metadata)  # type: ignore[attr-defined]
+    """A list-valued option, empty by default; the same keywords as setting()."""
+    declared: Any = setting(None, help, **kw)  # a Field, typed as its default for the dataclass declaring it
+    return dataclasses.field(default_factory=list, metadata=declared.metadata)
 
 
 @functools.cache
