@@ -69,7 +69,8 @@ def test_auto_is_resolved_into_a_new_object_and_never_left_in_one() -> None:
 @pytest.mark.parametrize("bad, named", [({"decoder": "slow"}, "decoder"), ({"loop": "trio"}, "loop"),
                                         ({"dtype": "int8"}, "dtype"), ({"port": "80"}, "port"),
                                         ({"max_batch_size": 1.5}, "max_batch_size"), ({"gpu_decode": 1}, "gpu_decode"),
-                                        ({"drain_s": -1}, "drain_s")])
+                                        ({"drain_s": -1}, "drain_s"), ({"max_wait_ms": "3"}, "max_wait_ms"),
+                                        ({"log_level": 3}, "log_level"), ({"log_level": "loud"}, "log_level")])
 def test_a_value_of_the_wrong_type_or_outside_its_literal_is_named(bad: dict[str, Any], named: str) -> None:
     with pytest.raises(ValueError, match=f"invalid setting {named}="):
         Settings(device="cpu", **bad)

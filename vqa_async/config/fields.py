@@ -117,8 +117,9 @@ def to_text(value: Any) -> str:
     return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def check_types(obj: Any) -> None:
-    """Every field of a group holds its annotation's type (a Literal: one of its values), named when not."""
+def check_types(obj: Any, literals: bool = True) -> None:
+    """Every field of a group holds its annotation's type (a Literal: one of its values, unless not `literals`),
+    named when not."""
     cls = type(obj)
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -126,7 +127,9 @@ def check_types(obj: Any) -> None:
         if value is None and optional:
             continue
         allowed = choices(typ)
-        if allowed is not None:
+        if allowed is not None and not literals:
+            ok, want = isinstance(value, str), "expected text"
+        elif allowed is not None:
             ok, want = value in allowed, "expected " + ", ".join(allowed[:-1]) + " or " + allowed[-1]
         elif typ is bool:
             ok, want = isinstance(value, bool), "expected true or false"

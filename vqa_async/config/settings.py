@@ -48,6 +48,10 @@ class AskedSettings(LoggingSettings, TeamSettings, HealthSettings, MediaSettings
     """Every group's fields (listed last to first: a dataclass takes its bases' fields in reverse order), as the
     flags and the environment give them: "auto" values not yet resolved."""
 
+    def group(self, cls: type[GroupT]) -> GroupT:
+        """One concern's settings on their own (`settings.group(BatchingSettings)`)."""
+        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
+
     def resolved(self) -> dict[str, Any]:
         """The values with every "auto" replaced by what it means on this machine."""
         device = _default_device() if self.device == "auto" else self.device
@@ -59,7 +63,7 @@ class AskedSettings(LoggingSettings, TeamSettings, HealthSettings, MediaSettings
                 "max_wait_ms": wait, "return_window_ms": self.return_window_ms if self.return_window_ms >= 0 else wait,
                 "preprocess_threads": threads,
                 "max_preprocess_backlog": self.max_preprocess_backlog or min(self.max_queue, 64 * threads),
-                "log_level": self.log_level.upper() if isinstance(self.log_level, str) else self.log_level}
+                "log_level": self.log_level.upper()}
 
 
 class Settings(AskedSettings):
@@ -69,14 +73,13 @@ class Settings(AskedSettings):
         unknown = set(values) - NAMES
         if unknown:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
-        super().__init__(**AskedSettings(**values).resolved())
+        asked = AskedSettings(**values)
+        for group in GROUPS:  # before resolving, which compares numbers (a Literal may still be spelt in any case)
+            check_types(asked.group(group), literals=False)
+        super().__init__(**asked.resolved())
         for group in GROUPS:
             check_types(self.group(group))
             group.check(self)
-
-    def group(self, cls: type[GroupT]) -> GroupT:
-        """One concern's settings on their own (`settings.group(BatchingSettings)`)."""
-        return cls(**{f.name: getattr(self, f.name) for f in fields(cls)})
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
