@@ -3,7 +3,7 @@
     python -m vqa_async.tools.docs settings   # docs/settings.md, from the settings groups (vqa_async/config/)
     python -m vqa_async.tools.docs errors     # docs/errors.md, from the error-code registry
     python -m vqa_async.tools.docs            # both, written into docs/
-    python -m vqa_async.tools.docs --check    # exit 1 if a committed page differs (tests/test_error_codes.py too)
+    python -m vqa_async.tools.docs --check    # exit 1 if a committed page differs (tests/test_reference.py too)
 """
 
 from __future__ import annotations
