@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from vqa_async.config import allow_env
 from vqa_async.model.answer import Answerer
 from vqa_async.model.loader import DEMO_MODEL_DIR, LoadedModel, load_model
 from vqa_async.tools.synth import synth
+
+# The test suite's own VQA_* variables, not settings: allowed here, and VQA_TEST_DEMO_DIR is taken out of the
+# environment that the servers the tests start inherit (they are given --model). VQA_TEST_FAULT_FILE is the
+# fault injector's (faults/sitecustomize.py allows it in the processes it runs in).
+allow_env("VQA_TEST_FAULT_FILE", "VQA_TEST_DEMO_DIR")
+DEMO_DIR = Path(os.environ.pop("VQA_TEST_DEMO_DIR", DEMO_MODEL_DIR))
 
 # The demo model's ops are tiny: one thread is as fast, and does not thrash when the cores are busy.
 torch.set_num_threads(1)
@@ -19,7 +26,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
-    return Path(os.environ.get("VQA_TEST_DEMO_DIR", DEMO_MODEL_DIR))
+    return DEMO_DIR
 
 
 @pytest.fixture(scope="session")

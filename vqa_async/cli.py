@@ -100,11 +100,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import dataclasses
+
     from vqa_async.cluster.options import add_arguments as cluster_arguments
-    from vqa_async.config import add_arguments
+    from vqa_async.config import LoggingSettings, add_arguments
+    from vqa_async.config.fields import help_text
 
     p = argparse.ArgumentParser(prog="vqa-async", description="Serve ModelScope's mPLUG VQA model.")
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR [env VQA_LOG_LEVEL, default INFO]")
+    # Every command's log level, so before the command (`vqa-async --log-level DEBUG serve`).
+    level = next(f for f in dataclasses.fields(LoggingSettings) if f.name == "log_level")
+    p.add_argument("--log-level", default=None, help=help_text(LoggingSettings, level, env=True))
     sub = p.add_subparsers(dest="command", required=True)
 
     sv = sub.add_parser("serve", help="one micro-batching HTTP server process")

@@ -27,7 +27,7 @@ from aiohttp import hdrs, web
 from vqa_async.core.image_ids import scope_of, server_secret
 from vqa_async.http.accesslog import PROBES
 from vqa_async.http.context import CLIENT, Client
-from vqa_async.http.errors import ApiError
+from vqa_async.http.errors import ApiError, refuse
 from vqa_async.metrics import SUM_ROUTE
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def presented_keys(request: web.Request) -> list[str]:
 
 
 def unauthorized(why: str) -> ApiError:
-    return ApiError(401, "unauthorized", why, {"WWW-Authenticate": WWW_AUTHENTICATE})
+    return refuse("unauthorized", why, {"WWW-Authenticate": WWW_AUTHENTICATE})
 
 
 def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:

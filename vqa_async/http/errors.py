@@ -10,16 +10,12 @@ import orjson
 from aiohttp import web
 
 from vqa_async.http.context import ERROR_CODE
+from vqa_async.http.error_codes import STATUS_CODES, status_of
 from vqa_async.http.tracing import current_request_id
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# Codes for aiohttp's own HTTP errors (routing, body size).
-STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                413: "body_too_large", 415: "unsupported_media_type", 429: "too_many_requests", 503: "not_ready"}
-
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -30,6 +26,11 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers or {}
         self.param = param  # the request field at fault, where one is (OpenAI's error shape names it)
+
+
+def refuse(code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None) -> ApiError:
+    """The error for a registered code (vqa_async/http/error_codes.py), with the status registered for it."""
+    return ApiError(status_of(code), code, message, headers, param)
 
 
 def error_body(code: str, message: str, error_id: str | None = None,
@@ -91,16 +92,15 @@ def to_api_error(e: BaseException) -> ApiError:
         return e
     if isinstance(e, web.HTTPException):
         if e.status == 413:
-            return ApiError(413, "body_too_large", f"the request body is larger than allowed: {e.text or e.reason}")
+            return refuse("body_too_large", f"the request body is larger than allowed: {e.text or e.reason}")
         err = ApiError(e.status, STATUS_CODES.get(e.status, f"http_{e.status}"), e.reason)
         if isinstance(e, web.HTTPMethodNotAllowed):  # RFC 9110: a 405 says which methods the resource takes
             err.headers["Allow"] = ", ".join(sorted(e.allowed_methods))
         return err
     error_id = uuid.uuid4().hex[:12]
     log.error("unexpected error [error id %s]", error_id, exc_info=e)
-    err = ApiError(500, "internal_error", f"something went wrong on our side; error id {error_id}")
-    err.headers["X-Error-Id"] = error_id
-    return err
+    return refuse("internal_error", f"something went wrong on our side; error id {error_id}",
+                  {"X-Error-Id": error_id})
 
 
 @web.middleware

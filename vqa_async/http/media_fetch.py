@@ -38,7 +38,7 @@ from yarl import URL
 
 from vqa_async import __version__
 from vqa_async.config import Settings
-from vqa_async.http.errors import ApiError
+from vqa_async.http.errors import ApiError, refuse
 
 MAX_REDIRECTS = 3
 MAX_URL_CHARS = 4096
@@ -55,7 +55,7 @@ _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # Linux connects 0.x.x.x to t
 
 
 def refused(code: str, message: str) -> ApiError:
-    return ApiError(400, code, message)
+    return refuse(code, message)
 
 
 def address_problem(ip: IPAddress, allow_private: bool) -> str | None:

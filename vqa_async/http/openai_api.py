@@ -28,7 +28,7 @@ from aiohttp import web
 
 from vqa_async.core.service import Outcome
 from vqa_async.http.context import REQUEST_ID, TRACEPARENT
-from vqa_async.http.errors import ApiError, json_response
+from vqa_async.http.errors import ApiError, json_response, refuse
 from vqa_async.http.handlers import ask
 from vqa_async.http.keys import SERVICE, SETTINGS
 from vqa_async.http.media_fetch import fetch_image
@@ -52,8 +52,8 @@ ROLES = frozenset({"system", "developer", "user", "assistant"})  # tool results 
 TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call")
 
 
-def bad(code: str, message: str, param: str | None = None, status: int = 400) -> ApiError:
-    return ApiError(status, code, message, param=param)
+def bad(code: str, message: str, param: str | None = None) -> ApiError:
+    return refuse(code, message, param=param)
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     check_length(request, settings)
     if media_type(request) != "application/json":
-        raise bad("unsupported_media_type", "send application/json", status=415)
+        raise bad("unsupported_media_type", "send application/json")
     chat = read_chat_request(await within_body_timeout(settings, read_json(request)))
     question = check_questions([chat.question], settings)[0]
     image = await image_bytes(chat.image_url, request)
@@ -276,7 +276,7 @@ async def stream(request: web.Request, head: dict[str, Any], done: Completion,
 async def models(request: web.Request) -> web.Response:
     loaded = request.app[SERVICE].loaded
     if loaded is None:
-        raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "2"})
+        raise refuse("not_ready", "the model is not loaded yet", {"Retry-After": "2"})
     # `created`: when the serving directory was written (converted or trained), the model's own date.
     return json_response({"object": "list", "data": [{
         "id": loaded.name, "object": "model", "created": int(loaded.model_dir.stat().st_mtime), "owned_by": OWNER}]})

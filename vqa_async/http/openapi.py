@@ -9,25 +9,15 @@ from typing import Any
 
 from vqa_async import __version__
 from vqa_async.config import Settings
+from vqa_async.http.error_codes import ERRORS, Origin
 from vqa_async.http.media_fetch import MAX_URL_CHARS
-from vqa_async.http.openapi_chat import ERROR_CODES as CHAT_ERROR_CODES
 from vqa_async.http.openapi_chat import chat_request, chat_schemas, openai_error
 from vqa_async.http.openapi_v2 import v2_error, v2_paths, v2_schemas
 from vqa_async.metrics import SUM_ROUTE, multiprocess_dir
 from vqa_async.model.preprocess import FORMAT_NAMES
 
-ERROR_CODES = ["missing_image", "missing_question", "empty_image", "invalid_image", "unsupported_image_format",
-               "image_too_large", "body_too_large", "empty_question", "question_too_long", "too_many_questions",
-               "invalid_json", "invalid_base64", "invalid_field", "invalid_multipart", "invalid_utf8",
-               "unsupported_media_type", "overloaded", "not_ready", "timeout", "model_error", "internal_error",
-               "not_found", "method_not_allowed", "too_many_parts", "request_timeout", "not_alive",
-               "unauthorized", "too_many_requests", "bad_request", "cross_site", "image_not_cached", "invalid_image_id",
-               "image_and_image_id",
-               # image_url (vqa_async/http/media_fetch.py), each a 400
-               "image_url_invalid", "image_url_not_allowed", "image_url_address_refused",
-               "image_url_too_many_redirects", "image_url_timeout", "image_url_too_large", "image_url_fetch_failed",
-               # /v1/chat/completions (vqa_async/http/openai_api.py)
-               *CHAT_ERROR_CODES]
+# Every registered code: one enum for every route (a route answers a subset; which, the responses say).
+ERROR_CODES = list(ERRORS)
 
 _STR = {"schema": {"type": "string"}}
 REQUEST_ID = {"X-Request-ID": {"description": "the client's own X-Request-ID when it is a token of 1-128 "
@@ -53,27 +43,29 @@ def _json(ref: str) -> dict[str, Any]:
 HTML = {"text/html": {"schema": {"type": "string"}}}
 
 
-def _errors(settings: Settings, content: dict[str, Any], keys: bool) -> dict[str, Any]:
-    """The failures of an answering route, with the body shape `content`."""
-    out = {
-        "400": _answer("bad input (see the code)", content),
-        "408": _answer(f"the body did not arrive within {settings.body_timeout_s:g} s (request_timeout)", content),
-        "413": _answer("body_too_large or image_too_large", content),
-        "409": _answer("image_not_cached: the image_id names an image this server does not hold (evicted, restarted "
-                       "since, or never seen); send the image again", content),
-        "415": _answer("unsupported_media_type: send multipart/form-data or application/json", content),
-        "429": _answer("too_many_requests: this client has --max-inflight-per-client requests being answered; "
-                       "or, through `vqa-async cluster`, HAProxy's per-client limits: over --rate-limit requests/s "
-                       "(per API key, else per address), --rate-limit-per-source or --max-conn-per-source",
-                       content, **RETRY_AFTER),
-        "500": _answer("model_error (this request failed in the model) or internal_error", content),
-        "503": _answer("overloaded or not_ready; retry after Retry-After seconds", content, **RETRY_AFTER),
-        "504": _answer(f"timeout: no answer within {settings.timeout_s:g} s", content),
-    }
-    if keys:
-        out["401"] = _answer("unauthorized: no API key, or not a valid one", content, **{"WWW-Authenticate": {
-            "description": 'Bearer realm="vqa-async"', "required": True, **_STR}})
+def _by_status(*origins: Origin) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for e in ERRORS.values():
+        if e.origin in origins:
+            out.setdefault(e.status, []).append(e.code)
     return out
+
+
+def _described(codes: list[str], content: dict[str, Any], note: str = "") -> dict[str, Any]:
+    """A response for these codes (of one status), described from the registry, with Retry-After where any has it."""
+    text = "; ".join(f"{c}: {ERRORS[c].meaning}" for c in codes) if len(codes) < 4 else (
+        "bad input; error.code says which: " + ", ".join(codes))
+    headers = RETRY_AFTER if any(ERRORS[c].retry_after for c in codes) else {}
+    extra = {"WWW-Authenticate": {"description": 'Bearer realm="vqa-async"', "required": True, **_STR}} \
+        if "unauthorized" in codes else {}
+    return _answer(text + note, content, **headers, **extra)
+
+
+def _errors(settings: Settings, content: dict[str, Any], keys: bool) -> dict[str, Any]:
+    """The failures of an answering route, with the body shape `content` (vqa_async/http/error_codes.py)."""
+    notes = {408: f" (here {settings.body_timeout_s:g} s)", 504: f" (here {settings.timeout_s:g} s)"}
+    return {str(status): _described(codes, content, notes.get(status, ""))
+            for status, codes in sorted(_by_status("request", *(("keys",) if keys else ())).items())}
 
 
 def _one_image_of(schema: dict[str, Any], names: list[str]) -> None:
@@ -126,7 +118,7 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
         "image": {**multipart["properties"]["image"], "description": FORMAT_NAMES},
         "question": multipart["properties"]["question"], "api_key": {"type": "string",
                                                "description": "the key, when the server asks for one"}}}
-    probe_503 = {"503": _answer("see error.message", _json("Error"))}
+    probe_503 = {"503": _answer("not_alive or not_ready; see error.message", _json("Error"))}
     metrics_401 = {"401": _answer("unauthorized (--metrics-need-key)", _json("Error"))} \
         if keys and settings.metrics_need_key else {}
     spec: dict[str, Any] = {
@@ -156,9 +148,7 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                                           "multipart/form-data": {"schema": page_form}}},
                            "responses": {"200": _answer("HTML with the answer", HTML, **IMAGE_ID),
                                          **_errors(settings, {**HTML, **_json("Error")}, keys),
-                                         "403": _answer("cross_site: the form was posted from another site's page "
-                                                        "(Sec-Fetch-Site: cross-site, or an Origin that is not "
-                                                        "this server); the page with the message", HTML)}}},
+                                         "403": _described(["cross_site"], HTML)}}},
             "/static/page.js": {"get": {"summary": "The upload page's script (shrinks photos before sending them)",
                                         "responses": {"200": _answer("JavaScript", {"text/javascript": {}})}}},
             "/static/page.css": {"get": {"summary": "The upload page's style",
@@ -179,7 +169,7 @@ def openapi_spec(settings: Settings) -> dict[str, Any]:
                     **_errors(settings, _json("OpenAIError"), keys)}}},
             "/v1/models": {"get": {"summary": "OpenAI-compatible: the loaded model", **secured, "responses": {
                 "200": _answer("a list of one", _json("ModelList")),
-                "503": _answer("not_ready: the model is loading", _json("OpenAIError"), **RETRY_AFTER),
+                "503": _described(["not_ready"], _json("OpenAIError")),
                 **({"401": _errors(settings, _json("OpenAIError"), keys)["401"]} if keys else {})}}},
             **v2_paths(settings, secured, _errors(settings, _json("V2Error"), keys), _answer, _json, IMAGE_ID,
                        RETRY_AFTER),

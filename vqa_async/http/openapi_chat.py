@@ -14,7 +14,6 @@ from vqa_async.config import Settings
 IGNORED = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "stop", "user",
            "top_logprobs", "response_format", "metadata", "store", "service_tier", "parallel_tool_calls",
            "reasoning_effort", "modalities", "prediction")
-ERROR_CODES = ["too_many_images", "unsupported_parameter", "unsupported_content"]
 
 _STR = {"type": "string"}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from vqa_async.http.errors import ApiError
+from vqa_async.http.errors import refuse
 
 
 class InflightLimit:
@@ -21,8 +21,8 @@ class InflightLimit:
     def hold(self, client: str) -> Iterator[None]:
         n = self.inflight.get(client, 0)
         if self.limit and n >= self.limit:
-            raise ApiError(429, "too_many_requests", f"{n} of your requests are being answered already; at most "
-                           f"{self.limit} at once (--max-inflight-per-client)", {"Retry-After": "1"})
+            raise refuse("too_many_requests", f"{n} of your requests are being answered already; at most "
+                         f"{self.limit} at once (--max-inflight-per-client)", {"Retry-After": "1"})
         self.inflight[client] = n + 1
         try:
             yield

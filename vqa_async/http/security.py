@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from vqa_async.http.errors import ApiError
+from vqa_async.http.errors import ApiError, refuse
 
 CONTENT_SECURITY_POLICY = "; ".join([
     "default-src 'none'",
@@ -66,7 +66,7 @@ def refuse_cross_site(request: web.Request) -> None:
 
 
 def cross_site(why: str) -> ApiError:
-    return ApiError(403, "cross_site", f"this form was posted from another site ({why}); open this page "
+    return refuse("cross_site", f"this form was posted from another site ({why}); open this page "
                     "and ask from here")
 
 
