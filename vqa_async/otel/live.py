@@ -50,13 +50,14 @@ class LiveTracing:
         """The SDK reads its variables itself: the resource (OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES), the
         sampler (OTEL_TRACES_SAMPLER, default parentbased_always_on), the exporter (OTEL_EXPORTER_OTLP_*: endpoint,
         headers, timeout, compression, certificates), the batch processor (OTEL_BSP_*). Only where the
-        environment names no service do we name it `vqa-async`, and each process `service.instance.id`."""
+        environment names no service do we name it `vqa-async`; `vqa.worker` is the process's name in the access
+        log (a cluster's w0, w1...; else its pid), `host.name` the machine's."""
         resource = Resource.create()
-        extra: dict[str, str] = {}
+        extra: dict[str, str] = {"vqa.worker": worker or str(os.getpid())}
         if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
             extra["service.name"] = "vqa-async"
-        if "service.instance.id" not in resource.attributes:
-            extra["service.instance.id"] = f"{socket.gethostname()}/{worker or os.getpid()}"
+        if "host.name" not in resource.attributes:
+            extra["host.name"] = socket.gethostname()
         provider = TracerProvider(resource=resource.merge(Resource(extra)))
         provider.add_span_processor(processor or BatchSpanProcessor(OTLPSpanExporter()))
         # Global too, so that any library the process uses with OpenTelemetry's API lands in the same traces.
