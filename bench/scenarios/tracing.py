@@ -1,0 +1,132 @@
+"""Tracing off vs on: answers/s and server CPU per answer at concurrency 32, the same flags, interleaved rounds.
+
+    python -m bench tracing [--concurrency 32] [--requests 1000] [--rounds 6] [--system serve|cluster]
+                            [any other serve flag]
+
+Starts two systems with the same flags (bench.lib.systems; demo model unless --model); the second has
+OTEL_EXPORTER_OTLP_TRACES_ENDPOINT set to an OTLP/HTTP sink started here (a process of its own that answers every
+export and counts the spans in it), so that every request is traced and exported (the SDK's default sampler,
+batch processor and exporter). The same closed-loop load (the `distinct` workload: a new upload each request) goes
+to each in alternating rounds (off then on, then on then off), so that the box's drift hits both alike; each
+round's ratio on/off is taken from two back-to-back loads. Target (issue 29): at most 2 % fewer answers/s traced.
+The server's CPU seconds per answer (from /proc: the serve process, or the cluster's workers) are reported too:
+on a shared box they move less than a rate. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+from bench.lib.loadgen import load, summarize
+from bench.lib.systems import System, add_setup_arguments, setup_from, start, stop_all
+from bench.lib.workloads import Workload
+from bench.scenarios.breakdown import proc_cpu
+
+SINK = """
+import sys
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+spans = 0
+
+async def traces(request):
+    global spans
+    req = ExportTraceServiceRequest()
+    req.ParseFromString(await request.read())
+    spans += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+    return web.Response(body=b"", content_type="application/x-protobuf")
+
+async def count(request):
+    return web.Response(text=str(spans))
+
+app = web.Application(client_max_size=64 * 2**20)
+app.router.add_post("/v1/traces", traces)
+app.router.add_get("/count", count)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+
+def spans_received(sink_url: str) -> int:
+    with urllib.request.urlopen(sink_url + "/count", timeout=5) as r:
+        return int(r.read())
+
+
+def server_cpu(sysm: System) -> float:
+    """CPU seconds of the processes that serve: serve itself, or the cluster's workers (not HAProxy)."""
+    if sysm.state is not None:
+        return sum(proc_cpu(w["pid"]) for w in sysm.state["workers"])
+    return proc_cpu(sysm.proc.pid if sysm.proc else None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from vqa_async.cluster.supervisor import free_port
+
+    ap = argparse.ArgumentParser(prog="python -m bench tracing", description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=1000, help="per round and system")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--system", choices=["serve", "cluster"], default="serve")
+    add_setup_arguments(ap)
+    args, extra = ap.parse_known_args(argv)
+    setup = setup_from(args, extra)
+    workload = Workload("distinct")
+    port = free_port()
+    sink_url = f"http://127.0.0.1:{port}"
+    sink = subprocess.Popen([sys.executable, "-c", SINK, str(port)], start_new_session=True)
+    rounds: list[dict[str, object]] = []
+    try:
+        for _ in range(100):  # the sink is up
+            try:
+                spans_received(sink_url)
+                break
+            except OSError:
+                time.sleep(0.1)
+        systems = {"off": start(args.system, setup, label="tracing-off")}
+        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = sink_url + "/v1/traces"
+        try:  # the systems inherit the bench's environment (Setup.env)
+            systems["on"] = start(args.system, setup, label="tracing-on")
+        finally:
+            del os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        for sysm in systems.values():  # warm-up: connections, first batches
+            load(sysm.url + "/v1/vqa", workload.jobs(200), args.concurrency)
+        for r in range(args.rounds):
+            row: dict[str, object] = {"round": r + 1, "load_average": round(os.getloadavg()[0], 1)}
+            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                sysm = systems[mode]
+                cpu0, t0 = server_cpu(sysm), time.monotonic()
+                results = load(sysm.url + "/v1/vqa", workload.jobs(args.requests), args.concurrency)
+                wall = time.monotonic() - t0
+                s = summarize(results, wall)
+                answers = int(s["requests"]) - int(s["failures"])
+                row[f"{mode}_answers_per_s"] = s["answers_per_s"]
+                row[f"{mode}_cpu_ms_per_answer"] = round(1000 * (server_cpu(sysm) - cpu0) / max(1, answers), 3)
+                row[f"{mode}_failures"] = s["failures"]
+            row["ratio"] = round(float(row["on_answers_per_s"]) / float(row["off_answers_per_s"]), 4)  # type: ignore[arg-type]
+            row["cpu_ratio"] = round(float(row["on_cpu_ms_per_answer"]) /  # type: ignore[arg-type]
+                                     float(row["off_cpu_ms_per_answer"]), 4)  # type: ignore[arg-type]
+            print(json.dumps(row), file=sys.stderr)
+            rounds.append(row)
+        time.sleep(1.0)  # the SDK's batch processor exports every 5 s by default: the count is a lower bound
+        spans = spans_received(sink_url)
+    finally:
+        stop_all()
+        sink.terminate()
+        sink.wait()
+    ratios = [float(r["ratio"]) for r in rounds]  # type: ignore[arg-type]
+    cpu_ratios = [float(r["cpu_ratio"]) for r in rounds]  # type: ignore[arg-type]
+    out = {"system": args.system, "concurrency": args.concurrency, "requests_per_round": args.requests,
+           "rounds": rounds, "ratio_median": round(statistics.median(ratios), 4),
+           "ratio_min": min(ratios), "ratio_max": max(ratios),
+           "cpu_ratio_median": round(statistics.median(cpu_ratios), 4), "cpu_ratio_min": min(cpu_ratios),
+           "cpu_ratio_max": max(cpu_ratios), "spans_received": spans,
+           "failures": sum(int(r["off_failures"]) + int(r["on_failures"]) for r in rounds)}  # type: ignore[call-overload]
+    print(f"answers/s traced / untraced at concurrency {args.concurrency}: median {out['ratio_median']} "
+          f"[{out['ratio_min']}-{out['ratio_max']}] (target >= 0.98)", file=sys.stderr)
+    print(json.dumps(out))
