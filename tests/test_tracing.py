@@ -71,6 +71,10 @@ async def test_a_request_is_a_span_with_its_stages_and_links_to_its_batch(
     await asyncio.gather(*(ask(i) for i in range(len(pairs))))
     async with client.get("/readyz") as r:  # health checks are not traced
         assert r.status == 200
+    async with client.get("/nowhere") as r:  # a 4xx is the client's error: the span is not marked failed
+        assert r.status == 404
+    async with client.post("/v1/vqa", data=b"x", headers={"Content-Type": "text/plain"}) as r:
+        assert r.status == 415
     spans = exported.get_finished_spans()
     by_id = {s.context.span_id: s for s in spans}
     batches = [s for s in spans if s.name == "model call"]
@@ -94,6 +98,11 @@ async def test_a_request_is_a_span_with_its_stages_and_links_to_its_batch(
     assert seen_in_batches == len(given)
     assert sum(b.attributes["vqa.batch_size"] for b in batches) == sum(1 + i % 2 for i in range(len(pairs)))
     assert not [s for s in spans if s.attributes.get("url.path") == "/readyz"]
+    [missing] = [s for s in spans if s.attributes.get("url.path") == "/nowhere"]
+    assert missing.name == "GET" and missing.attributes["http.response.status_code"] == 404
+    assert missing.status.status_code.name == "UNSET"
+    [refused] = [s for s in spans if s.kind.name == "SERVER" and s.attributes["http.response.status_code"] == 415]
+    assert refused.name == "POST /v1/vqa"
 
 
 # -- a real serve -------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tracing off vs on: answers/s and server CPU per answer at concurrency 32, the same flags, interleaved rounds.
 
     python -m bench tracing [--concurrency 32] [--requests 1000] [--rounds 6] [--system serve|cluster]
+                            [--otel OTEL_TRACES_SAMPLER=traceidratio --otel OTEL_TRACES_SAMPLER_ARG=0.1]
                             [any other serve flag]
 
 Starts two systems with the same flags (bench.lib.systems; demo model unless --model); the second has
@@ -8,9 +9,10 @@ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT set to an OTLP/HTTP sink started here (a proc
 export and counts the spans in it), so that every request is traced and exported (the SDK's default sampler,
 batch processor and exporter). The same closed-loop load (the `distinct` workload: a new upload each request) goes
 to each in alternating rounds (off then on, then on then off), so that the box's drift hits both alike; each
-round's ratio on/off is taken from two back-to-back loads. Target (issue 29): at most 2 % fewer answers/s traced.
-The server's CPU seconds per answer (from /proc: the serve process, or the cluster's workers) are reported too:
-on a shared box they move less than a rate. The last line is JSON.
+round's ratio on/off is taken from two back-to-back loads. `--otel NAME=VALUE` adds an SDK variable to the traced
+system's environment (a sampler, say; by default every request is traced). Target (issue 29): at most 2 % fewer
+answers/s traced. The server's CPU seconds per answer (from /proc: the serve process, or the cluster's workers) are
+reported too: on a shared box they move less than a rate. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=1000, help="per round and system")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--system", choices=["serve", "cluster"], default="serve")
+    ap.add_argument("--otel", action="append", default=[], metavar="NAME=VALUE",
+                    help="an OTEL_* variable for the traced system (repeatable)")
     add_setup_arguments(ap)
     args, extra = ap.parse_known_args(argv)
     setup = setup_from(args, extra)
@@ -89,11 +93,14 @@ def main(argv: list[str] | None = None) -> None:
             except OSError:
                 time.sleep(0.1)
         systems = {"off": start(args.system, setup, label="tracing-off")}
-        os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = sink_url + "/v1/traces"
+        otel = dict(kv.split("=", 1) for kv in args.otel)
+        otel["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = sink_url + "/v1/traces"
+        os.environ.update(otel)
         try:  # the systems inherit the bench's environment (Setup.env)
             systems["on"] = start(args.system, setup, label="tracing-on")
         finally:
-            del os.environ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+            for name in otel:
+                del os.environ[name]
         for sysm in systems.values():  # warm-up: connections, first batches
             load(sysm.url + "/v1/vqa", workload.jobs(200), args.concurrency)
         for r in range(args.rounds):
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios = [float(r["ratio"]) for r in rounds]  # type: ignore[arg-type]
     cpu_ratios = [float(r["cpu_ratio"]) for r in rounds]  # type: ignore[arg-type]
     out = {"system": args.system, "concurrency": args.concurrency, "requests_per_round": args.requests,
+           "otel": args.otel,
            "rounds": rounds, "ratio_median": round(statistics.median(ratios), 4),
            "ratio_min": min(ratios), "ratio_max": max(ratios),
            "cpu_ratio_median": round(statistics.median(cpu_ratios), 4), "cpu_ratio_min": min(cpu_ratios),

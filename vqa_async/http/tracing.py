@@ -92,19 +92,18 @@ def tracing_middleware(finish: Finisher, probes: frozenset[str] = PROBES) -> Mid
             request[TRACEPARENT] = tp
             request[TRACE_ID] = tp[3:35]
         if (tracing := hooks.active()) is not None and request.path not in probes:
-            with tracing.request(f"{request.method} {route_of(request)}", request.headers,
-                                 {"http.request.method": request.method, "url.path": request.path,
-                                  "http.route": route_of(request), "vqa.request_id": rid}) as span:
+            resource = request.match_info.route.resource
+            # OpenTelemetry's HTTP conventions: "METHOD route", or the method alone when no route matched.
+            name, attributes = request.method, {"http.request.method": request.method, "url.path": request.path,
+                                                "vqa.request_id": rid}
+            if resource is not None:
+                name, attributes["http.route"] = f"{request.method} {resource.canonical}", resource.canonical
+            with tracing.request(name, request.headers, attributes) as span:
                 request[TRACE_ID] = span.trace_id
                 return await serve(request, handler, finish, t0, tp, span)
         return await serve(request, handler, finish, t0, tp, None)
 
     return middleware
-
-
-def route_of(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
 
 
 async def serve(request: web.Request, handler: Handler, finish: Finisher, t0: float, tp: str | None,
