@@ -13,6 +13,12 @@ round's ratio on/off is taken from two back-to-back loads. `--otel NAME=VALUE` a
 system's environment (a sampler, say; by default every request is traced). Target (issue 29): at most 2 % fewer
 answers/s traced. The server's CPU seconds per answer (from /proc: the serve process, or the cluster's workers) are
 reported too: on a shared box they move less than a rate. The last line is JSON.
+
+`--hooks-only` measures instead, in this process and in CPU time (what a shared box disturbs least), what the
+request path's tracing costs per request without a server: the hooks of one request (its server span, `read
+upload`, `decode`, `queue wait`, `response`, a 16th of a batch span) off, on without export, and on with each span
+encoded to OTLP protobuf as the exporter does (no network), and on for a request the sampler drops (what most
+requests are under a ratio sampler).
 """
 
 from __future__ import annotations
@@ -67,6 +73,70 @@ def server_cpu(sysm: System) -> float:
     return proc_cpu(sysm.proc.pid if sysm.proc else None)
 
 
+def hooks_cpu(n: int = 4096) -> dict[str, float]:
+    """CPU microseconds per request of the tracing hooks: off, on but not sampled, on (spans made, not exported),
+    on and encoded."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    from vqa_async.otel import hooks
+    from vqa_async.otel.live import LiveTracing
+
+    class Exporter(SpanExporter):
+        def __init__(self, encode: bool) -> None:
+            self.encode = encode
+
+        def export(self, spans: object) -> SpanExportResult:
+            if self.encode:
+                encode_spans(spans).SerializeToString()  # type: ignore[arg-type]
+            return SpanExportResult.SUCCESS
+
+    headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+
+    async def answered() -> None:
+        return None
+
+    async def requests() -> None:
+        for _ in range(n // 16):  # batches of 16 requests, the CPU default
+            items, spans = [], []
+            for _ in range(16):  # what tracing_middleware, parse, the service and the runner call, in order
+                tracing = hooks.active()
+                if tracing is not None:
+                    cm = tracing.request("POST /v1/vqa", headers, {"http.request.method": "POST",
+                                                                    "url.path": "/v1/vqa", "http.route": "/v1/vqa",
+                                                                    "vqa.request_id": "0" * 32})
+                    span = cm.__enter__()
+                    spans.append((cm, span))
+                await hooks.traced("read upload", answered())
+                await hooks.traced("decode", answered())
+                items.append(SimpleNamespace(trace=hooks.current(), enqueued_at=time.monotonic()))
+            with hooks.batch(items, 16) as trace:
+                pass
+            for item, (cm, span) in zip(items, spans or [(None, None)] * 16):
+                hooks.waited(item.enqueued_at, time.monotonic(), trace, 16)
+                with hooks.span("response"):
+                    pass
+                if span is not None:
+                    span.finish(200)
+                    cm.__exit__(None, None, None)
+
+    out = {}
+    for mode in ("off", "on_not_sampled", "on", "on_encoded"):
+        provider = TracerProvider(sampler=ALWAYS_OFF if mode == "on_not_sampled" else None)
+        provider.add_span_processor(SimpleSpanProcessor(Exporter(encode=mode == "on_encoded")))
+        hooks.install(None if mode == "off" else LiveTracing(provider))
+        c0 = time.process_time()
+        asyncio.run(requests())
+        out[f"{mode}_cpu_us_per_request"] = round((time.process_time() - c0) / n * 1e6, 1)
+    hooks.install(None)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from vqa_async.cluster.supervisor import free_port
 
@@ -75,10 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=1000, help="per round and system")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--system", choices=["serve", "cluster"], default="serve")
+    ap.add_argument("--hooks-only", action="store_true", help="CPU per request of the hooks alone (see above)")
     ap.add_argument("--otel", action="append", default=[], metavar="NAME=VALUE",
                     help="an OTEL_* variable for the traced system (repeatable)")
     add_setup_arguments(ap)
     args, extra = ap.parse_known_args(argv)
+    if args.hooks_only:
+        print(json.dumps(hooks_cpu()))
+        return
     setup = setup_from(args, extra)
     workload = Workload("distinct")
     port = free_port()

@@ -21,6 +21,7 @@ from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, S
 T = TypeVar("T")
 
 SCOPE = "vqa_async"
+_NOTHING: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
 
 
 def _offset_ns() -> int:
@@ -80,7 +81,11 @@ class LiveTracing:
                                                record_exception=False, set_status_on_exception=False) as span:
             yield LiveRequestSpan(span)
 
+    # A request that the sampler dropped (most, under a ratio sampler) gets no child spans at all: they would be
+    # dropped too, at a cost per request several times that of the check.
     def span(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        if not trace.get_current_span().is_recording():
+            return _NOTHING
         return self.tracer.start_as_current_span(name)
 
     async def _traced(self, name: str, awaitable: Awaitable[T]) -> T:
@@ -88,6 +93,8 @@ class LiveTracing:
             return await awaitable
 
     def traced(self, name: str, awaitable: Awaitable[T]) -> Awaitable[T]:
+        if not trace.get_current_span().is_recording():
+            return awaitable
         return self._traced(name, awaitable)
 
     def current(self) -> object | None:
@@ -114,10 +121,12 @@ class LiveTracing:
             span.end()
 
     def waited(self, enqueued_at: float, started_at: float, batch: object | None, size: int) -> None:
+        request = trace.get_current_span()
+        if not request.is_recording():
+            return
         offset = _offset_ns()
         self.tracer.start_span("queue wait", start_time=int(enqueued_at * 1e9) + offset).end(
             end_time=int(started_at * 1e9) + offset)
-        request = trace.get_current_span()
         request.set_attribute("vqa.batch_size", size)
         if isinstance(batch, SpanContext):
             request.add_link(batch, {"vqa.batch_size": size})
