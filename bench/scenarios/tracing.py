@@ -1,16 +1,18 @@
 """Tracing off vs on: answers/s and server CPU per answer at concurrency 32, the same flags, interleaved rounds.
 
-    python -m bench tracing [--concurrency 32] [--requests 1000] [--rounds 6] [--system serve|cluster]
+    python -m bench tracing [--concurrency 32] [--requests 1000] [--rounds 6] [--system serve|cluster] [--together]
                             [--otel OTEL_TRACES_SAMPLER=traceidratio --otel OTEL_TRACES_SAMPLER_ARG=0.1]
                             [any other serve flag]
+    python -m bench tracing --hooks-only
 
 Starts two systems with the same flags (bench.lib.systems; demo model unless --model); the second has
 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT set to an OTLP/HTTP sink started here (a process of its own that answers every
 export and counts the spans in it), so that every request is traced and exported (the SDK's default sampler,
 batch processor and exporter). The same closed-loop load (the `distinct` workload: a new upload each request) goes
 to each in alternating rounds (off then on, then on then off), so that the box's drift hits both alike; each
-round's ratio on/off is taken from two back-to-back loads. `--otel NAME=VALUE` adds an SDK variable to the traced
-system's environment (a sampler, say; by default every request is traced). Target (issue 29): at most 2 % fewer
+round's ratio on/off is taken from two back-to-back loads (or, with `--together`, from two loads at once, which
+then share the cores). `--otel NAME=VALUE` adds an SDK variable to the traced system's environment (a sampler,
+say; by default every request is traced). Target (issue 29): at most 2 % fewer
 answers/s traced. The server's CPU seconds per answer (from /proc: the serve process, or the cluster's workers) are
 reported too: on a shared box they move less than a rate. The last line is JSON.
 
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 from bench.lib.loadgen import load, summarize
 from bench.lib.systems import System, add_setup_arguments, setup_from, start, stop_all
@@ -137,6 +140,17 @@ def hooks_cpu(n: int = 4096) -> dict[str, float]:
     return out
 
 
+def measure(sysm: System, workload: Workload, args: argparse.Namespace) -> dict[str, object]:
+    """One closed-loop load on `sysm`: answers/s, server CPU per answer, mean batch, failures."""
+    cpu0, t0 = server_cpu(sysm), time.monotonic()
+    results = load(sysm.url + "/v1/vqa", workload.jobs(args.requests), args.concurrency)
+    s = summarize(results, time.monotonic() - t0)
+    answers = int(s["requests"]) - int(s["failures"])
+    return {"answers_per_s": s["answers_per_s"], "cpu_ms_per_answer": round(
+        1000 * (server_cpu(sysm) - cpu0) / max(1, answers), 3), "mean_batch": s["mean_batch_size_seen"],
+        "failures": s["failures"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     from vqa_async.cluster.supervisor import free_port
 
@@ -145,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--requests", type=int, default=1000, help="per round and system")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--system", choices=["serve", "cluster"], default="serve")
+    ap.add_argument("--together", action="store_true",
+                    help="load both systems at once (each its own load generator): the box's drift hits both at "
+                         "every instant; they then share the cores, so the ratio is one of cost per answer")
     ap.add_argument("--hooks-only", action="store_true", help="CPU per request of the hooks alone (see above)")
     ap.add_argument("--otel", action="append", default=[], metavar="NAME=VALUE",
                     help="an OTEL_* variable for the traced system (repeatable)")
@@ -179,16 +196,14 @@ def main(argv: list[str] | None = None) -> None:
             load(sysm.url + "/v1/vqa", workload.jobs(200), args.concurrency)
         for r in range(args.rounds):
             row: dict[str, object] = {"round": r + 1, "load_average": round(os.getloadavg()[0], 1)}
-            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                sysm = systems[mode]
-                cpu0, t0 = server_cpu(sysm), time.monotonic()
-                results = load(sysm.url + "/v1/vqa", workload.jobs(args.requests), args.concurrency)
-                wall = time.monotonic() - t0
-                s = summarize(results, wall)
-                answers = int(s["requests"]) - int(s["failures"])
-                row[f"{mode}_answers_per_s"] = s["answers_per_s"]
-                row[f"{mode}_cpu_ms_per_answer"] = round(1000 * (server_cpu(sysm) - cpu0) / max(1, answers), 3)
-                row[f"{mode}_failures"] = s["failures"]
+            order = ("off", "on") if r % 2 == 0 else ("on", "off")
+            if args.together:
+                with ThreadPoolExecutor(2) as pool:
+                    measured = dict(zip(order, pool.map(lambda m: measure(systems[m], workload, args), order)))
+            else:
+                measured = {mode: measure(systems[mode], workload, args) for mode in order}
+            for mode in order:
+                row.update({f"{mode}_{k}": v for k, v in measured[mode].items()})
             row["ratio"] = round(float(row["on_answers_per_s"]) / float(row["off_answers_per_s"]), 4)  # type: ignore[arg-type]
             row["cpu_ratio"] = round(float(row["on_cpu_ms_per_answer"]) /  # type: ignore[arg-type]
                                      float(row["off_cpu_ms_per_answer"]), 4)  # type: ignore[arg-type]
