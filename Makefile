@@ -43,7 +43,7 @@ $(VENV)/bin/python:
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.14.1 torchvision==0.29.1
-	$(PIP) -e .
+	$(PIP) -e '.[otel]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt

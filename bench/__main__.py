@@ -23,6 +23,7 @@ SCENARIOS = {
     "chaos": ("chaos", "the cluster under load while workers are killed, stalled and reloaded"),
     "batch-job": ("batch_job", "vqa-async batch vs the bench's load generator on the same load (answers/s)"),
     "tls": ("tls", "P95 over https vs http at the cluster's front"),
+    "tracing": ("tracing", "answers/s with OpenTelemetry tracing off vs on (exporting over OTLP)"),
     "http-floor": ("http_floor", "CPU per request of HTTP and upload parsing alone, no model"),
     "many-parts": ("many_parts", "how fast serve refuses a form of 160,000 parts"),
     "flops": ("flops", "FLOPs per answer counted on the model, and MFU of a sweep's rows"),

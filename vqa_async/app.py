@@ -99,7 +99,9 @@ async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:
 def serve(settings: Settings) -> None:
     """One `vqa-async serve` process, until SIGTERM: what the command line and the cluster's warm spare run."""
     from vqa_async.http import server
+    from vqa_async.otel import hooks
 
+    hooks.start_from_env(settings.worker_name)  # OpenTelemetry traces, when an OTLP endpoint is configured
     app = init_app(settings)
     if settings.loop == "uvloop":
         import uvloop

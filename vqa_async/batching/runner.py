@@ -26,6 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from vqa_async.batching.preemption import Preemption
 from vqa_async.batching.work import Done, WorkItem
 from vqa_async.metrics import Metrics
+from vqa_async.otel import hooks
 
 log = logging.getLogger(__name__)
 
@@ -258,14 +259,16 @@ class BatchRunner(Generic[P]):
         paused0 = self.preemption.spent()[0]
         for item in items:
             self.metrics.queue_wait.observe(t0 - item.enqueued_at)
-        results = self.adapter.run([item.payload for item in items], self._cap, self.preemption)
-        if len(results) != len(items):  # every future is answered, with the result that is its own
-            raise RuntimeError(f"the model returned {len(results)} results for {len(items)} requests")
-        compute = time.monotonic() - t0 - (self.preemption.spent()[0] - paused0)  # not the preempting calls'
         n = sum(item.size for item in items)
+        with hooks.batch(items, n) as trace:  # one span per model call, when traced
+            results = self.adapter.run([item.payload for item in items], self._cap, self.preemption)
+            if len(results) != len(items):  # every future is answered, with the result that is its own
+                raise RuntimeError(f"the model returned {len(results)} results for {len(items)} requests")
+        compute = time.monotonic() - t0 - (self.preemption.spent()[0] - paused0)  # not the preempting calls'
         self.metrics.batch_size.observe(n)
         self.metrics.compute.observe(compute)
-        return [(item.future, Done(result, t0, compute, n), None) for item, result in zip(items, results, strict=True)]
+        return [(item.future, Done(result, t0, compute, n, trace), None)
+                for item, result in zip(items, results, strict=True)]
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

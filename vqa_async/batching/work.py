@@ -19,6 +19,7 @@ class Done(Generic[R]):
     started_at: float  # time.monotonic() when its model call began
     compute_s: float  # that call's time, less the time it spent paused for preempting calls
     batch_size: int  # the size (questions, for VQA) of that call
+    trace: object | None = None  # that call's span context, when traced (vqa_async/otel): the request links to it
 
 
 @dataclass(eq=False)
@@ -34,6 +35,7 @@ class WorkItem(Generic[P]):
     # Who asked (an API key's name, or an address): the collector shares each batch among clients.
     client: str = ""
     weight: int = 1  # the client's share: up to `weight` requests per round of a batch
+    trace: object | None = None  # the request's span context, when traced (vqa_async/otel): the batch links to it
 
     def is_dead(self, now: float) -> str | None:
         """Why this item should not reach the model, if it should not."""

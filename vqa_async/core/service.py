@@ -28,6 +28,7 @@ from vqa_async.metrics import Metrics
 from vqa_async.model.answer import Answered, Answerer
 from vqa_async.model.loader import LoadedModel, load_model
 from vqa_async.model.preprocess import UploadPixels
+from vqa_async.otel import hooks
 
 log = logging.getLogger(__name__)
 
@@ -212,19 +213,20 @@ class VqaService:
         self._incoming += 1
         try:
             if image is not None:
-                answered, prepared = await loop.run_in_executor(self._prep_pool, self._prepare, image, questions,
-                                                                scope)
+                answered, prepared = await hooks.traced("decode", loop.run_in_executor(
+                    self._prep_pool, self._prepare, image, questions, scope))
             else:
                 assert image_id is not None, "ask() needs an image or an image_id"
                 answered = image_id
-                prepared = await loop.run_in_executor(self._prep_pool, self._follow_up, cache_key(image_id, scope),
-                                                      questions)
+                prepared = await hooks.traced("tokenize", loop.run_in_executor(
+                    self._prep_pool, self._follow_up, cache_key(image_id, scope), questions))
         finally:
             self._incoming -= 1
         preprocess_s = time.monotonic() - arrived
         self.metrics.preprocess.observe(preprocess_s)
         deadline = arrived + self.settings.timeout_s
-        item = WorkItem(prepared, prepared.size, loop.create_future(), deadline, client=client, weight=weight)
+        item = WorkItem(prepared, prepared.size, loop.create_future(), deadline, client=client, weight=weight,
+                        trace=hooks.current())
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -232,6 +234,7 @@ class VqaService:
             raise Overloaded("the queue is full") from None
         self.metrics.queue_depth.set(self.collector.pending())
         done: Done[list[Answered]] = await asyncio.wait_for(item.future, max(0.0, deadline - time.monotonic()))
+        hooks.waited(item.enqueued_at, done.started_at, done.trace, done.batch_size)
         return Outcome(done.result, round((done.started_at - item.enqueued_at) * 1000, 2),
                        round(done.compute_s * 1000, 2), done.batch_size, round(preprocess_s * 1000, 2),
                        answered)

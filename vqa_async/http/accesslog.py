@@ -16,7 +16,7 @@ from typing import IO
 import orjson
 from aiohttp import web
 
-from vqa_async.http.context import CLIENT, ERROR_CODE, OUTCOME, QUESTIONS, REQUEST_ID, TRACEPARENT
+from vqa_async.http.context import CLIENT, ERROR_CODE, OUTCOME, QUESTIONS, REQUEST_ID, TRACE_ID, TRACEPARENT
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class AccessLog:
             rec["error"] = code
         if tp := request.get(TRACEPARENT):
             rec["traceparent"] = tp
+        if trace_id := request.get(TRACE_ID):  # the same as in HAProxy's log line and the spans
+            rec["trace_id"] = trace_id
         return rec
 
     def write(self, rec: dict[str, object]) -> None:

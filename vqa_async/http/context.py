@@ -23,6 +23,7 @@ class Client:
 
 REQUEST_ID = web.RequestKey("request_id", str)
 TRACEPARENT = web.RequestKey("traceparent", str)  # set only when the client sent a valid one
+TRACE_ID = web.RequestKey("trace_id", str)  # the request's trace: the traceparent's, or the span's when tracing
 CLIENT = web.RequestKey("client", Client)  # absent on an open route when keys are on
 OUTCOME: web.RequestKey[Outcome] = web.RequestKey("outcome")  # the service's timings, once answered
 QUESTIONS = web.RequestKey("questions", int)

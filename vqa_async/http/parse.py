@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError  # a part's malformed he
 from vqa_async.config import Settings
 from vqa_async.http.errors import ApiError
 from vqa_async.http.media_fetch import fetch_image
+from vqa_async.otel import hooks
 
 T = TypeVar("T")
 
@@ -47,7 +48,7 @@ async def read_vqa_input(request: web.Request, settings: Settings) -> VqaInput:
     else:
         raise bad("unsupported_media_type",
                   f"send multipart/form-data or application/json, not {ctype or 'nothing'}", 415)
-    vqa = await within_body_timeout(settings, read(request, settings))
+    vqa = await hooks.traced("read upload", within_body_timeout(settings, read(request, settings)))
     if vqa.image_url is not None:  # after the body's timeout: the fetch has its own (--media-timeout-s)
         vqa = dataclasses.replace(vqa, image=await fetch_image(vqa.image_url, settings))
     return vqa
