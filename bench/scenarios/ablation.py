@@ -5,7 +5,8 @@
 
 Every step is one `serve` (bench.lib.systems: the same threads and OMP_WAIT_POLICY), measured at one concurrency;
 each repeat measures every step one after another (the order rotates), and each step's gain over the one before is
-computed within each repeat, reported as median [min–max]:
+computed within each repeat, reported as median [min–max]. While one step is measured the others' servers are
+frozen (SIGSTOP; each row records the CPU they used meanwhile, `others_cpu_s`: ~0):
 
 1. `batching`: batching alone (`--decoder reference --exact-preprocess --image-cache-entries 0`), `distinct`;
 2. `fast-decoder`: + the fast decoder (`--exact-preprocess --image-cache-entries 0`), `distinct`;
@@ -32,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.lib import report
+from bench.lib.freeze import frozen
 from bench.lib.systems import add_setup_arguments, setup_from, start, stop_all
 from bench.lib.workloads import Workload
-from bench.scenarios.sweep import git_commit, measure
+from bench.scenarios.sweep import git_commit, measure, others
 
 NO_CACHE = ["--image-cache-entries", "0"]
 # name -> (serve flags, workload, on photos, the step it is measured against)
@@ -58,14 +60,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"{meta['concurrency']}, {meta['requests']} requests per row, {meta['repeats']} repeats (steps "
              "interleaved in each), every upload new", "", f"command: `{meta['command']}`", "",
              "| step | what | workload | images | answers/s median [min–max] | gain (within each repeat) | P95 ms | "
-             "failures | cache hits | misses | dedups | flags |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "failures | cache hits | misses | dedups | others' CPU s (max) | flags |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         gain = f"{report.text(r['gain'])} over {r['gain_over']}" if r.get("gain") else "–"
         lines.append(f"| {r['step']} | {WHAT[r['step']]} | {r['workload']} | {r['images']} | {r['answers_per_s']} "
                      f"[{r['answers_per_s_min']}–{r['answers_per_s_max']}] | {gain} | {r['p95_ms']} | "
                      f"{r['failures']} | {r['cache_hits']} | {r['cache_misses']} | {r['dedups']} | "
-                     f"`{r['flags']}` |")
+                     f"{r.get('others_cpu_s_max', '–')} | `{r['flags']}` |")
     bad = [r["step"] for r in rows if r["workload"] != "follow-up" and report.cached(r)]
     lines += ["", ("Cache hits or dedups on a `distinct` row: " + ", ".join(bad)) if bad else
               "0 cache hits and 0 dedups on every `distinct` row.", "", report.CACHE_NOTE]
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--photo-model", default=None, help="the model of the photo steps (default: --model)")
     ap.add_argument("--steps", default="all", help=f"all, or some of {', '.join(STEPS)}")
     ap.add_argument("--out", default="bench/out-ablation")
+    ap.add_argument("--no-freeze", action="store_true", help="leave the other steps' servers running meanwhile")
     add_setup_arguments(ap)
     args, extra = ap.parse_known_args(argv)
     steps = list(STEPS) if args.steps == "all" else [s for s in args.steps.split(",") if s]
@@ -106,9 +109,11 @@ def main(argv: list[str] | None = None) -> None:
         for rep in range(args.repeats):
             for step in steps[rep % len(steps):] + steps[:rep % len(steps)]:
                 flags, workload, photos, _ = STEPS[step]
-                row = measure(up[step], workloads[(workload, photos)], args.concurrency, args.requests)
+                with frozen([] if args.no_freeze else others(up, step)) as others_cpu:
+                    row = measure(up[step], workloads[(workload, photos)], args.concurrency, args.requests)
+                    row["others_cpu_s"] = others_cpu()
                 print(f"repeat {rep + 1} {step}: {row['answers_per_s']} answers/s, P95 {row['p95_ms']} ms, "
-                      f"{row['cache_hits']} hits", file=sys.stderr, flush=True)
+                      f"{row['cache_hits']} hits, others' CPU {row['others_cpu_s']} s", file=sys.stderr, flush=True)
                 runs.append({"system": step, "step": step, "concurrency": args.concurrency, "repeat": rep,
                              "workload": workload, "images": "photos" if photos else "easy-vqa",
                              "flags": " ".join(flags), **row})

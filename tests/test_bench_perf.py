@@ -1,0 +1,96 @@
+"""The fair bench (other systems frozen while one is measured) and the profiled breakdown (issue 26)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_bench import bench
+
+from bench.lib.freeze import frozen, proc_cpu, tree
+from bench.lib.profiler import classify, parse_raw, py_spy
+from vqa_async.cluster.haproxy import find_haproxy
+
+ROOT = Path(__file__).resolve().parents[1]
+BUSY = "import os\nif os.fork() == 0:\n    while True: pass\nwhile True: pass\n"  # a parent and a child, both busy
+
+
+def state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_frozen_stops_a_whole_process_tree_and_measures_that_it_used_no_cpu() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", BUSY])
+    try:
+        deadline = time.monotonic() + 10
+        while len(tree(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = tree(proc.pid)
+        assert len(pids) == 2 and pids[0] == proc.pid
+        time.sleep(0.3)
+        with frozen([proc.pid]) as others_cpu:
+            assert {state(p) for p in pids} == {"T"}
+            time.sleep(1.0)
+            assert others_cpu() <= 0.02  # busy, they would have used ~2 s in that second
+        time.sleep(0.5)  # thawed: they burn CPU again
+        assert {state(p) for p in pids} <= {"R", "S"}
+        before = sum(proc_cpu(p) for p in pids)
+        time.sleep(0.5)
+        assert sum(proc_cpu(p) for p in pids) > before
+    finally:
+        for p in reversed(tree(proc.pid)):
+            subprocess.run(["kill", "-9", str(p)], check=False)
+        proc.wait()
+
+
+def test_the_profiler_puts_each_stack_in_its_stage() -> None:
+    f = "{} ({}:1)".format
+    loop = f("run_forever", "/usr/lib/python3.12/asyncio/base_events.py")
+    assert classify(";".join([loop, f("data_received", "/x/aiohttp/web_protocol.py")])) == "HTTP read+parse"
+    assert classify(";".join([loop, f("metrics_middleware", "/r/vqa_async/http/handlers.py"),
+                              f("vqa_v1", "/r/vqa_async/http/handlers.py"),
+                              f("_from_multipart", "/r/vqa_async/http/parse.py"),
+                              f("read", "/x/aiohttp/multipart.py")])) == "HTTP read+parse"
+    assert classify(";".join([f("_worker", "/usr/lib/python3.12/concurrent/futures/thread.py"),
+                              f("_prepare", "/r/vqa_async/core/service.py"),
+                              f("decode", "/r/vqa_async/model/preprocess.py"),
+                              f("open", "/x/PIL/Image.py")])) == "decode"
+    assert classify(";".join([f("_run_batch", "/r/vqa_async/batching/runner.py"),
+                              f("run", "/r/vqa_async/core/adapter.py"),
+                              f("forward", "/x/torch/nn/modules/linear.py")])) == "model"
+    assert classify(";".join([f("_run_batch", "/r/vqa_async/batching/runner.py"),
+                              f("_settle_all", "/r/vqa_async/batching/runner.py")])) == "queue+collector"
+    assert classify(";".join([f("decode_request", "/r/bench/litserve_vqa.py"),
+                              f("pixels", "/r/vqa_async/model/preprocess.py")])) == "preprocess"
+    assert classify(";".join([f("run", "/x/litserve/loops/simple_loops.py"),
+                              f("get", "/usr/lib/python3.12/multiprocessing/queues.py")])) == "queue+collector"
+    assert classify(loop) == "event loop, other"
+    raw = f"{loop};{f('inc', '/x/prometheus_client/metrics.py')} 7\n{loop} 3\n"
+    assert parse_raw(raw) == {"middlewares+metrics": 7, "event loop, other": 3}
+
+
+@pytest.mark.skipif(find_haproxy() is None or py_spy() is None, reason="needs Debian's haproxy and py-spy")
+def test_breakdown_explains_both_systems_side_by_side_with_the_others_frozen(tmp_path: Path) -> None:
+    out = tmp_path / "bd"
+    bench("breakdown", "--systems", "cluster,litserve-fast", "--concurrency", "8", "--requests", "96",
+          "--torch-threads", "1", "--out", str(out))
+    p = json.loads((out / "breakdown.json").read_text())
+    by = {s["system"]: s for s in p["systems"]}
+    assert list(by) == ["cluster", "litserve-fast"]
+    for s in by.values():
+        assert s["answers"] == 96 and s["total_ms_per_answer"] > 0
+        assert s["others_cpu_s"] <= 0.05, s["others_cpu_s"]  # the other system was frozen
+        assert s["stages_ms_per_answer"]["model"] > 0  # sampled: the model shows in both
+        assert abs(sum(s["stages_ms_per_answer"].values()) - s["total_ms_per_answer"]) < 0.01
+        assert sum(pr["samples"] for pr in s["processes"]) > 0
+    procs = {pr["process"] for pr in by["cluster"]["processes"]}
+    assert {"supervisor", "HAProxy", "worker 1", "worker 2"} <= procs
+    assert by["cluster"]["stages_ms_per_answer"]["proxy"] > 0
+    assert by["litserve-fast"]["stages_ms_per_answer"]["proxy"] == 0
+    md = (out / "breakdown.md").read_text()
+    assert "| stage | cluster | litserve-fast |" in md and "What `cluster` pays that `litserve-fast`" in md
+    assert any((out / "pyspy" / "cluster").glob("*.txt"))
