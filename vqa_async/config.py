@@ -80,6 +80,9 @@ class Settings:
         "help": "on CUDA, decode JPEGs with nvJPEG and resize on the device (not yet measured on a GPU)"})
     preprocess_threads: int = field(default=0, metadata={
         "help": "threads decoding and resizing images (0: one per core, at most 8)"})
+    inline_prepare_kb: float = field(default=16.0, metadata={
+        "help": "uploads up to this size are decoded on the event loop, not handed to a preprocessing thread (a "
+                "small image decodes in less CPU than the hand-over costs); 0: every upload in the pool"})
     max_preprocess_backlog: int = field(default=0, metadata={
         "help": "uploads accepted for decoding at once, running or waiting (0: 64 per preprocessing thread, at "
                 "most max_queue); more is a fast 503, before any CPU is spent on them"})
@@ -158,7 +161,7 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
         for name in ("image_cache_entries", "image_cache_mb", "torch_threads", "shutdown_timeout_s", "drain_s",
-                     "max_inflight_per_client"):
+                     "max_inflight_per_client", "inline_prepare_kb"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
         if self.scheduling not in ("fair", "fifo"):
