@@ -75,6 +75,7 @@ class VqaService:
                                         incoming=lambda: self._incoming, fair=settings.scheduling == "fair",
                                         return_window_s=settings.return_window_ms / 1000)
         self._prep_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vqa-preprocess")
+        self._inline_bytes = int(settings.inline_prepare_kb * 1024)
         self._batcher: asyncio.Task[None] | None = None
         self._upload: UploadPixels | None = None
         self.draining = False  # set on SIGTERM with --drain-s: out of rotation before the socket closes
@@ -209,7 +210,11 @@ class VqaService:
         loop = asyncio.get_running_loop()
         self._incoming += 1
         try:
-            if image is not None:
+            if image is not None and len(image) <= self._inline_bytes:
+                # A small upload (the demo's 1 KB PNGs) decodes in less CPU than a hand-over to the pool and back
+                # costs (two thread wake-ups and the GIL passed twice): on the loop, at once.
+                prepared = self._prepare(image, questions)
+            elif image is not None:
                 prepared = await loop.run_in_executor(self._prep_pool, self._prepare, image, questions)
             else:
                 assert image_id is not None, "ask() needs an image or an image_id"
