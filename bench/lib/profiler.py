@@ -1,8 +1,10 @@
 """Where a process's CPU goes, sampled rather than guessed: py-spy on every Python process of a system.
 
-`Spies(pids)` starts `py-spy record --nonblocking --format raw` on each Python process (non-blocking: the target is
-never paused; idle threads are not sampled, so the samples are CPU), and `stop()` returns, per pid, the number of
-samples in each stage. `classify` maps one stack to a stage by its deepest frame that a rule knows (the project's
+`Spies(pids)` starts `py-spy record --nonblocking --threads --format raw` on each Python process (non-blocking:
+the target is never paused; idle threads are not sampled), and `stop()` returns, per pid and thread, the number of
+samples in each stage. py-spy counts a thread that is runnable but waiting for a core as active, so `split` does
+not take the samples as CPU: it splits each thread's CPU, measured from /proc, by that thread's samples.
+`classify` maps one stack to a stage by its deepest frame that a rule knows (the project's
 own modules first, then the libraries under them), the same rules for our workers and for LitServe's processes.
 A process that is not Python (HAProxy) is not sampled: all its CPU is the proxy's.
 """
@@ -37,6 +39,11 @@ RULES: list[tuple[str, frozenset[str] | None, str]] = [
     ("vqa_async/batching/", None, "queue+collector"),
     ("vqa_async/core/", None, "queue+collector"),
     ("vqa_async/http/parse.py", None, "HTTP read+parse"),
+    # uvloop runs the loop in C: a stack whose deepest frame is the server's run() is the loop's own work (epoll,
+    # socket reads and writes, callbacks), not a middleware.
+    ("vqa_async/http/server.py", frozenset({"run", "main"}), "event loop, other"),
+    ("vqa_async/app.py", None, "event loop, other"),
+    ("vqa_async/cli.py", None, "event loop, other"),
     ("vqa_async/http/handlers.py", frozenset({"metrics_middleware"}), "middlewares+metrics"),
     ("vqa_async/http/handlers.py", None, "response"),
     ("vqa_async/metrics.py", None, "middlewares+metrics"),
@@ -89,14 +96,48 @@ def classify(stack: str) -> str:
     return "event loop, other"
 
 
-def parse_raw(text: str) -> Counter[str]:
-    """py-spy's raw output ('frame;frame;... count' per line) -> samples per stage."""
-    out: Counter[str] = Counter()
+def parse_raw(text: str) -> dict[int, Counter[str]]:
+    """py-spy's raw output with --threads ('thread (TID)[: name];frame;... count' per line) -> samples per stage,
+    per OS thread id (0 where a line names no thread)."""
+    out: dict[int, Counter[str]] = {}
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            out[classify(stack)] += int(count)
+        if not (stack and count.isdigit()):
+            continue
+        tid = 0
+        if stack.startswith("thread ("):
+            head, _, stack = stack.partition(";")
+            tid = int(head[len("thread ("):].split(")")[0], 0)
+        out.setdefault(tid, Counter())[classify(stack)] += int(count)
     return out
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of a process, from /proc/PID/task/TID/stat."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def split(cpu_s: dict[int, float], samples: dict[int, Counter[str]]) -> dict[str, float]:
+    """Each thread's measured CPU seconds, split into stages in proportion to that thread's samples (py-spy counts
+    a runnable thread as active, so samples alone over-weight threads that wait for a core on a busy box; the
+    per-thread CPU does not). A thread with CPU and no samples: `event loop, other`."""
+    out: Counter[str] = Counter()
+    for tid, spent in cpu_s.items():
+        got = samples.get(tid)
+        n = sum(got.values()) if got else 0
+        if got and n:
+            for k, v in got.items():
+                out[k] += spent * v / n
+        elif spent > 0:
+            out["event loop, other"] += spent
+    return dict(out)
 
 
 def is_python(pid: int) -> bool:
@@ -123,11 +164,13 @@ class Spies:
         for pid in pids:
             if is_python(pid):
                 self.procs[pid] = subprocess.Popen(
-                    [exe, "record", "--nonblocking", "--format", "raw", "--rate", str(rate), "--pid", str(pid),
-                     "-o", str(self.dir / f"{pid}.txt")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    [exe, "record", "--nonblocking", "--threads", "--format", "raw", "--rate", str(rate),
+                     "--pid", str(pid), "-o", str(self.dir / f"{pid}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def stop(self, keep: Path | None = None) -> dict[int, Counter[str]]:
-        """Stops every sampler (SIGINT: py-spy writes its file) and returns each pid's samples per stage; `keep`:
+    def stop(self, keep: Path | None = None) -> dict[int, dict[int, Counter[str]]]:
+        """Stops every sampler (SIGINT: py-spy writes its file) and returns each pid's samples per stage, per
+        thread; `keep`:
         a folder to copy py-spy's raw files into (PID.txt, for flamegraph.pl or a closer look)."""
         for p in self.procs.values():
             with contextlib.suppress(ProcessLookupError):
@@ -140,7 +183,7 @@ class Spies:
                 p.kill()
                 p.wait()
             f = self.dir / f"{pid}.txt"
-            out[pid] = parse_raw(f.read_text()) if f.exists() else Counter()
+            out[pid] = parse_raw(f.read_text()) if f.exists() else {}
             if keep is not None and f.exists():
                 keep.mkdir(parents=True, exist_ok=True)
                 shutil.copy(f, keep / f.name)

@@ -12,7 +12,9 @@ frozen (SIGSTOP; each row records the CPU they used meanwhile, `others_cpu_s`: ~
 2. `fast-decoder`: + the fast decoder (`--exact-preprocess --image-cache-entries 0`), `distinct`;
 3. `photos-exact`: step 2 on photos (Pillow decodes every pixel), `distinct`, then
    `fast-upload`: + the fast upload path (`--image-cache-entries 0`) on photos, `distinct`;
-4. `follow-up-no-cache`: the fast server with the cache off (`--image-cache-entries 0`) on `follow-up`, then
+4. `pool-prepare`: the fast server, every upload handed to the preprocessing pool (`--inline-prepare-kb 0`), then
+   `inline-prepare`: + small uploads decoded on the event loop (serve's default), `distinct`;
+5. `follow-up-no-cache`: the fast server with the cache off (`--image-cache-entries 0`) on `follow-up`, then
    `cache`: + the embedding cache (serve's default) on `follow-up`.
 
 (`--image-cache-entries 0` turns the cache off: nothing is stored, every image is a miss; a follow-up by image_id
@@ -45,12 +47,17 @@ STEPS: dict[str, tuple[list[str], str, bool, str | None]] = {
     "fast-decoder": (["--exact-preprocess", *NO_CACHE], "distinct", False, "batching"),
     "photos-exact": (["--exact-preprocess", *NO_CACHE], "distinct", True, None),
     "fast-upload": (NO_CACHE, "distinct", True, "photos-exact"),
+    "pool-prepare": ([*NO_CACHE, "--inline-prepare-kb", "0"], "distinct", False, None),
+    "inline-prepare": (NO_CACHE, "distinct", False, "pool-prepare"),
     "follow-up-no-cache": (NO_CACHE, "follow-up", False, None),
     "cache": ([], "follow-up", False, "follow-up-no-cache"),
 }
 WHAT = {"batching": "batching alone (reference decoder, exact preprocessing, cache off)",
         "fast-decoder": "+ the fast decoder", "photos-exact": "the same on photos (every pixel decoded)",
-        "fast-upload": "+ the fast upload path (photos)", "follow-up-no-cache": "follow-up questions, cache off",
+        "fast-upload": "+ the fast upload path (photos)",
+        "pool-prepare": "every upload decoded in the preprocessing pool (--inline-prepare-kb 0)",
+        "inline-prepare": "+ small uploads decoded on the event loop (the default)",
+        "follow-up-no-cache": "follow-up questions, cache off",
         "cache": "+ the embedding cache (follow-up)"}
 
 
@@ -60,12 +67,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"{meta['concurrency']}, {meta['requests']} requests per row, {meta['repeats']} repeats (steps "
              "interleaved in each), every upload new", "", f"command: `{meta['command']}`", "",
              "| step | what | workload | images | answers/s median [min–max] | gain (within each repeat) | P95 ms | "
-             "failures | cache hits | misses | dedups | others' CPU s (max) | flags |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "CPU ms per answer | failures | cache hits | misses | dedups | others' CPU s (max) | flags |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         gain = f"{report.text(r['gain'])} over {r['gain_over']}" if r.get("gain") else "–"
         lines.append(f"| {r['step']} | {WHAT[r['step']]} | {r['workload']} | {r['images']} | {r['answers_per_s']} "
                      f"[{r['answers_per_s_min']}–{r['answers_per_s_max']}] | {gain} | {r['p95_ms']} | "
+                     f"{r.get('cpu_ms_per_answer', '–')} | "
                      f"{r['failures']} | {r['cache_hits']} | {r['cache_misses']} | {r['dedups']} | "
                      f"{r.get('others_cpu_s_max', '–')} | `{r['flags']}` |")
     bad = [r["step"] for r in rows if r["workload"] != "follow-up" and report.cached(r)]
@@ -113,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
                     row = measure(up[step], workloads[(workload, photos)], args.concurrency, args.requests)
                     row["others_cpu_s"] = others_cpu()
                 print(f"repeat {rep + 1} {step}: {row['answers_per_s']} answers/s, P95 {row['p95_ms']} ms, "
-                      f"{row['cache_hits']} hits, others' CPU {row['others_cpu_s']} s", file=sys.stderr, flush=True)
+                      f"{row['cpu_ms_per_answer']} CPU ms/answer, {row['cache_hits']} hits, "
+                      f"others' CPU {row['others_cpu_s']} s",
+                      file=sys.stderr, flush=True)
                 runs.append({"system": step, "step": step, "concurrency": args.concurrency, "repeat": rep,
                              "workload": workload, "images": "photos" if photos else "easy-vqa",
                              "flags": " ".join(flags), **row})

@@ -36,7 +36,7 @@ from bench.lib.freeze import frozen, proc_cpu, tree
 from bench.lib.loadgen import load, summarize
 from bench.lib.metrics import counted, scrape
 from bench.lib.profiler import STAGES as STAGE_NAMES
-from bench.lib.profiler import Spies
+from bench.lib.profiler import Spies, split, thread_cpu
 from bench.lib.systems import SYSTEMS, System, add_setup_arguments, setup_from, start, stop_all
 from bench.lib.workloads import WORKLOADS, Workload, mean_megapixels
 from vqa_async.metrics import STAGES
@@ -131,11 +131,12 @@ def explain(sysm: System, workload: Workload, args: argparse.Namespace) -> dict[
     assert sysm.proc is not None
     pids = [p for p in tree(sysm.proc.pid) if proc_cpu(p) >= 0]
     names = roles(sysm, pids)
-    cpu0, lg0 = {p: proc_cpu(p) for p in pids}, os.times()
+    cpu0, threads0, lg0 = {p: proc_cpu(p) for p in pids}, {p: thread_cpu(p) for p in pids}, os.times()
     t0 = time.monotonic()
     results = load(url, workload.jobs(args.requests), args.concurrency, timeout_s=300, sources=sources)
     wall = time.monotonic() - t0
     lg1, cpu = os.times(), {p: proc_cpu(p) - cpu0[p] for p in pids}
+    threads = {p: {t: v - threads0[p].get(t, 0.0) for t, v in thread_cpu(p).items()} for p in pids}
     answers = sum(r.answers for r in results if r.status == 200)
     spies = Spies(pids, rate=args.profile_rate)
     try:
@@ -145,19 +146,21 @@ def explain(sysm: System, workload: Workload, args: argparse.Namespace) -> dict[
     per = 1000 / max(1, answers)
     processes, stages = [], dict.fromkeys(STAGE_NAMES, 0.0)
     for pid in pids:
-        got, spent = samples.get(pid), cpu[pid] * per
+        got, spent = samples.get(pid, {}), cpu[pid] * per
+        n = sum(sum(c.values()) for c in got.values())
         if names[pid] == "HAProxy":
-            split = {"proxy": spent}
-        elif got and sum(got.values()):
-            split = {k: spent * v / sum(got.values()) for k, v in got.items()}
+            parts = {"proxy": spent}
+        elif n:
+            by_thread = split(threads[pid], got)  # CPU seconds per stage, from the threads' own CPU
+            whole = sum(by_thread.values()) or 1.0
+            parts = {k: spent * v / whole for k, v in by_thread.items()}
         else:
-            split = {"event loop, other": spent}
-        for k, v in split.items():
+            parts = {"event loop, other": spent}
+        for k, v in parts.items():
             stages[k] += v
         processes.append({"process": names[pid], "pid": pid, "cmdline": cmdline(pid),
-                          "cpu_ms_per_answer": round(spent, 3),
-                          "samples": sum(got.values()) if got else 0,
-                          "stages": {k: round(v, 3) for k, v in sorted(split.items(), key=lambda kv: -kv[1])}})
+                          "cpu_ms_per_answer": round(spent, 3), "samples": n, "threads": len(threads[pid]),
+                          "stages": {k: round(v, 3) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}})
     loadgen = (lg1.user + lg1.system - lg0.user - lg0.system) * per
     total = sum(stages.values())
     outside = total - sum(stages[k] for k in ("model", "decode", "preprocess"))
@@ -171,8 +174,9 @@ def explain(sysm: System, workload: Workload, args: argparse.Namespace) -> dict[
 def side_by_side(systems: list[dict[str, Any]], command: str) -> str:
     names = [s["system"] for s in systems]
     lines = [f"command: `{command}`", "",
-             "CPU ms per answer, measured from /proc on a pass with no profiler; each Python process's CPU split into "
-             "stages by py-spy's samples on a second, profiled pass of the same load (HAProxy is all `proxy`).", "",
+             "CPU ms per answer, measured from /proc on a pass with no profiler; each Python process's CPU split "
+             "into stages: each of its threads' CPU (from /proc) by that thread's py-spy samples on a second, "
+             "profiled pass of the same load (HAProxy is all `proxy`).", "",
              "| stage | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for k in STAGE_NAMES:
         lines.append(f"| {k} | " + " | ".join(str(s["stages_ms_per_answer"][k]) for s in systems) + " |")

@@ -30,7 +30,7 @@ from typing import Any
 from tqdm import tqdm
 
 from bench.lib import report
-from bench.lib.freeze import frozen
+from bench.lib.freeze import frozen, tree, tree_cpu
 from bench.lib.loadgen import load, summarize
 from bench.lib.metrics import Counted, counted
 from bench.lib.systems import SYSTEMS, Ceiling, Setup, System, add_setup_arguments, setup_from, start, stop_all
@@ -49,11 +49,16 @@ def measure(sysm: System, workload: Workload, concurrency: int, requests: int) -
     before = counted(sysm.metrics_urls) if sysm.metrics_urls else None
     load(url, warm, concurrency, sources=sources)
     mid = counted(sysm.metrics_urls) if sysm.metrics_urls else None
+    pids = tree(sysm.proc.pid) if sysm.proc is not None else []
+    cpu0 = tree_cpu(pids)
     t0 = time.monotonic()
     results = load(url, jobs, concurrency, timeout_s=300, sources=sources)
     wall = time.monotonic() - t0
+    cpu = tree_cpu(pids) - cpu0
     row = summarize(results, wall)
     answers = sum(r.answers for r in results if r.status == 200)
+    # All the system's processes (HAProxy, workers, LitServe's): robust where answers/s is not (a shared box).
+    row["cpu_ms_per_answer"] = round(1000 * cpu / answers, 3) if answers and pids else None
     if before is not None and mid is not None:
         after = counted(sysm.metrics_urls)
         whole: Counted = after - before
