@@ -80,9 +80,9 @@ class Settings:
         "help": "on CUDA, decode JPEGs with nvJPEG and resize on the device (not yet measured on a GPU)"})
     preprocess_threads: int = field(default=0, metadata={
         "help": "threads decoding and resizing images (0: one per core, at most 8)"})
-    inline_prepare_kb: float = field(default=16.0, metadata={
-        "help": "uploads up to this size are decoded on the event loop, not handed to a preprocessing thread (a "
-                "small image decodes in less CPU than the hand-over costs); 0: every upload in the pool"})
+    inline_prepare_kb: float = field(default=0.0, metadata={
+        "help": "uploads up to this size are decoded on the event loop, not handed to a preprocessing thread "
+                "(0, the default: every upload in the pool; the bench's ablation compares the two)"})
     max_preprocess_backlog: int = field(default=0, metadata={
         "help": "uploads accepted for decoding at once, running or waiting (0: 64 per preprocessing thread, at "
                 "most max_queue); more is a fast 503, before any CPU is spent on them"})
