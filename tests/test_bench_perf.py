@@ -12,7 +12,7 @@ import pytest
 from test_bench import bench
 
 from bench.lib.freeze import frozen, proc_cpu, tree
-from bench.lib.profiler import classify, parse_raw, py_spy
+from bench.lib.profiler import classify, parse_raw, py_spy, split
 from vqa_async.cluster.haproxy import find_haproxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +69,13 @@ def test_the_profiler_puts_each_stack_in_its_stage() -> None:
     assert classify(";".join([f("run", "/x/litserve/loops/simple_loops.py"),
                               f("get", "/usr/lib/python3.12/multiprocessing/queues.py")])) == "queue+collector"
     assert classify(loop) == "event loop, other"
-    raw = f"{loop};{f('inc', '/x/prometheus_client/metrics.py')} 7\n{loop} 3\n"
-    assert parse_raw(raw) == {"middlewares+metrics": 7, "event loop, other": 3}
+    raw = f"thread (12): MainThread;{loop};{f('inc', '/x/prometheus_client/metrics.py')} 7\nthread (12);{loop} 3\n"
+    raw += f"thread (13);{f('run', '/r/vqa_async/core/adapter.py')} 4\n"
+    got = parse_raw(raw)
+    assert got == {12: {"middlewares+metrics": 7, "event loop, other": 3}, 13: {"model": 4}}
+    # Each thread's measured CPU is split by its own samples; a thread that was never sampled is "other".
+    assert split({12: 1.0, 13: 2.0, 14: 0.5}, got) == {"middlewares+metrics": 0.7, "event loop, other": 0.8,
+                                                        "model": 2.0}
 
 
 @pytest.mark.skipif(find_haproxy() is None or py_spy() is None, reason="needs Debian's haproxy and py-spy")

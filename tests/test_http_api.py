@@ -414,7 +414,7 @@ async def test_admission_counts_uploads_still_being_decoded(make_client: ClientM
     uploads that then got 503. Now the bound covers them, and the pool's backlog is bounded."""
     import threading
 
-    client = await make_client(max_queue=4, preprocess_threads=1, inline_prepare_kb=0)  # every upload via the pool
+    client = await make_client(max_queue=4, preprocess_threads=1)
     app = client.server.app
     assert app is not None
     service = app[SERVICE]

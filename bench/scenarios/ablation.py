@@ -12,8 +12,8 @@ frozen (SIGSTOP; each row records the CPU they used meanwhile, `others_cpu_s`: ~
 2. `fast-decoder`: + the fast decoder (`--exact-preprocess --image-cache-entries 0`), `distinct`;
 3. `photos-exact`: step 2 on photos (Pillow decodes every pixel), `distinct`, then
    `fast-upload`: + the fast upload path (`--image-cache-entries 0`) on photos, `distinct`;
-4. `pool-prepare`: the fast server, every upload handed to the preprocessing pool (`--inline-prepare-kb 0`), then
-   `inline-prepare`: + small uploads decoded on the event loop (serve's default), `distinct`;
+4. `pool-prepare`: the fast server, every upload handed to the preprocessing pool (serve's default), then
+   `inline-prepare`: + uploads up to 16 KB decoded on the event loop (`--inline-prepare-kb 16`), `distinct`;
 5. `follow-up-no-cache`: the fast server with the cache off (`--image-cache-entries 0`) on `follow-up`, then
    `cache`: + the embedding cache (serve's default) on `follow-up`.
 
@@ -47,16 +47,16 @@ STEPS: dict[str, tuple[list[str], str, bool, str | None]] = {
     "fast-decoder": (["--exact-preprocess", *NO_CACHE], "distinct", False, "batching"),
     "photos-exact": (["--exact-preprocess", *NO_CACHE], "distinct", True, None),
     "fast-upload": (NO_CACHE, "distinct", True, "photos-exact"),
-    "pool-prepare": ([*NO_CACHE, "--inline-prepare-kb", "0"], "distinct", False, None),
-    "inline-prepare": (NO_CACHE, "distinct", False, "pool-prepare"),
+    "pool-prepare": (NO_CACHE, "distinct", False, None),
+    "inline-prepare": ([*NO_CACHE, "--inline-prepare-kb", "16"], "distinct", False, "pool-prepare"),
     "follow-up-no-cache": (NO_CACHE, "follow-up", False, None),
     "cache": ([], "follow-up", False, "follow-up-no-cache"),
 }
 WHAT = {"batching": "batching alone (reference decoder, exact preprocessing, cache off)",
         "fast-decoder": "+ the fast decoder", "photos-exact": "the same on photos (every pixel decoded)",
         "fast-upload": "+ the fast upload path (photos)",
-        "pool-prepare": "every upload decoded in the preprocessing pool (--inline-prepare-kb 0)",
-        "inline-prepare": "+ small uploads decoded on the event loop (the default)",
+        "pool-prepare": "every upload decoded in the preprocessing pool (the default)",
+        "inline-prepare": "+ uploads <= 16 KB decoded on the event loop (--inline-prepare-kb 16)",
         "follow-up-no-cache": "follow-up questions, cache off",
         "cache": "+ the embedding cache (follow-up)"}
 

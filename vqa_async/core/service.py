@@ -211,8 +211,8 @@ class VqaService:
         self._incoming += 1
         try:
             if image is not None and len(image) <= self._inline_bytes:
-                # A small upload (the demo's 1 KB PNGs) decodes in less CPU than a hand-over to the pool and back
-                # costs (two thread wake-ups and the GIL passed twice): on the loop, at once.
+                # --inline-prepare-kb: a small upload (the demo's 1 KB PNGs) decoded on the loop at once, without
+                # the hand-over to the pool and back. Off by default: the ablation did not show it (RESULTS.md).
                 prepared = self._prepare(image, questions)
             elif image is not None:
                 prepared = await loop.run_in_executor(self._prep_pool, self._prepare, image, questions)
