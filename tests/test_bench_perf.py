@@ -99,3 +99,15 @@ def test_breakdown_explains_both_systems_side_by_side_with_the_others_frozen(tmp
     md = (out / "breakdown.md").read_text()
     assert "| stage | cluster | litserve-fast |" in md and "What `cluster` pays that `litserve-fast`" in md
     assert any((out / "pyspy" / "cluster").glob("*.txt"))
+
+
+def test_upload_cpu_through_serve_reports_the_cpu_outside_the_model() -> None:
+    """The 12 MP target is judged through a real serve (HTTP, hash, decode, resize, bookkeeping), not in-process:
+    here small, on the demo model and the 0.3 MP photos."""
+    done = bench("upload-cpu", "--through-serve", "--model", str(ROOT / "vqa_async" / "demo"), "--size", "0.3mp",
+                 "--n", "4")
+    got = json.loads(done.strip().splitlines()[-1])
+    assert got["size"] == "0.3mp" and got["n"] == 4
+    assert got["decode_ms"] > 0 and got["model_ms"] > 0
+    assert got["process_ms"] >= got["outside_model_ms"] >= got["decode_ms"]
+    assert "through serve" in done
