@@ -69,6 +69,10 @@ def test_the_profiler_puts_each_stack_in_its_stage() -> None:
     assert classify(";".join([f("run", "/x/litserve/loops/simple_loops.py"),
                               f("get", "/usr/lib/python3.12/multiprocessing/queues.py")])) == "queue+collector"
     assert classify(loop) == "event loop, other"
+    # uvloop runs the loop in C: the deepest Python frame is the server's run(), ours or uvicorn's: the loop.
+    assert classify(f("run", "/r/vqa_async/http/server.py")) == "event loop, other"
+    assert classify(";".join([f("run", "/x/uvicorn/server.py"), f("serve", "/x/uvicorn/server.py")])) == \
+        "event loop, other"
     raw = f"thread (12): MainThread;{loop};{f('inc', '/x/prometheus_client/metrics.py')} 7\nthread (12);{loop} 3\n"
     raw += f"thread (13);{f('run', '/r/vqa_async/core/adapter.py')} 4\n"
     got = parse_raw(raw)

@@ -63,6 +63,9 @@ RULES: list[tuple[str, frozenset[str] | None, str]] = [
     ("multipart/", None, "HTTP read+parse"),
     ("starlette/formparsers.py", None, "HTTP read+parse"),
     ("starlette/requests.py", None, "HTTP read+parse"),
+    # uvicorn's loop (uvloop too): a stack whose deepest frame is its server's run is the loop's own work, as ours.
+    ("uvicorn/server.py", None, "event loop, other"),
+    ("uvicorn/main.py", None, "event loop, other"),
     ("uvicorn/protocols/", frozenset({"data_received", "on_body", "on_url", "on_header", "on_headers_complete",
                                       "on_message_begin", "on_message_complete", "handle_events"}),
      "HTTP read+parse"),
