@@ -63,7 +63,7 @@ def _wait_stopped(pids: list[int], within_s: float = 2.0) -> None:
     end = time.monotonic() + within_s
     while time.monotonic() < end:
         states = [f[0] for f in map(_stat, pids) if f]
-        if all(s in ("T", "t") for s in states):
+        if all(s in ("T", "t", "Z", "X") for s in states):  # stopped, or a zombie that will never stop
             return
         time.sleep(0.01)
 
