@@ -151,6 +151,7 @@ def test_sweep_writes_the_contracted_rows_and_leaves_nothing_running(tmp_path: P
         assert r["failures"] == 0 and r["answers_per_s"] > 0 and r["repeats"] == 2, r
         assert r["answers_per_s_min"] <= r["answers_per_s"] <= r["answers_per_s_max"]
         assert r["workload"] == "distinct"
+        assert r["others_cpu_s_max"] <= 0.1, r  # the other systems were frozen while it was measured
     by = {r["system"]: r for r in rows}
     for name in ("serve", "cluster"):
         assert by[name]["cache_hits"] == 0 and by[name]["dedups"] == 0 and by[name]["cache_misses"] > 0
@@ -160,6 +161,7 @@ def test_sweep_writes_the_contracted_rows_and_leaves_nothing_running(tmp_path: P
     assert ceiling["mean_batch_size"] == 2 and ceiling["model_calls"] > 0
     md = (out / "results.md").read_text()
     assert "0 hits and 0 dedups on every row" in md and "serve/baseline" in md and "model-only" in md
+    assert "every other was frozen (SIGSTOP)" in md and "cluster/litserve-fast" in md
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -441,6 +441,43 @@ async def test_admission_counts_uploads_still_being_decoded(make_client: ClientM
     assert len(started) == 4, "only admitted uploads are decoded"
 
 
+@pytest.mark.parametrize("inline_kb", [16.0, 0.0])
+async def test_small_uploads_are_decoded_on_the_loop_and_large_ones_in_the_pool(
+        make_client: ClientMaker, easy_vqa_images: list[Path], inline_kb: float) -> None:
+    """--inline-prepare-kb: an upload up to that size is decoded on the event loop (no hand-over to a thread and
+    back); a larger one, or every one with 0, goes to the preprocessing pool. Same answer either way."""
+    import threading
+
+    client = await make_client(inline_prepare_kb=inline_kb)
+    app = client.server.app
+    assert app is not None
+    service = app[SERVICE]
+    threads: list[str] = []
+    real_prepare = service._prepare
+
+    def spy(image: bytes, questions: list[str]) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_prepare(image, questions)
+
+    service._prepare = spy  # type: ignore[method-assign]
+    small = png(easy_vqa_images[0])
+    assert len(small) < 16 * 1024
+    large = small + b"\0" * (20 * 1024)  # the same pixels (bytes after IEND are ignored), 20 KB more
+    answers = []
+    for img in (small, large):
+        r = await client.post("/v1/vqa", data=form(img, "what color is the shape?"))
+        assert r.status == 200, await r.text()
+        answers.append((await r.json())["answer"])
+    assert answers[0] == answers[1]
+    on_loop = threading.main_thread().name
+    if inline_kb:
+        assert threads[0] == on_loop and threads[1].startswith("vqa-preprocess"), threads
+    else:
+        assert all(t.startswith("vqa-preprocess") for t in threads), threads
+    metrics = await (await client.get("/metrics")).text()
+    assert 'vqa_stage_cpu_seconds_total{stage="decode"}' in metrics  # counted on the loop too
+
+
 async def test_a_sick_model_is_not_ready_and_a_probe_brings_it_back(make_client: ClientMaker,
                                                                     easy_vqa_images: list[Path]) -> None:
     client = await make_client(sick_after_failures=3)

@@ -5,13 +5,16 @@
 
 Every step is one `serve` (bench.lib.systems: the same threads and OMP_WAIT_POLICY), measured at one concurrency;
 each repeat measures every step one after another (the order rotates), and each step's gain over the one before is
-computed within each repeat, reported as median [min–max]:
+computed within each repeat, reported as median [min–max]. While one step is measured the others' servers are
+frozen (SIGSTOP; each row records the CPU they used meanwhile, `others_cpu_s`: ~0):
 
 1. `batching`: batching alone (`--decoder reference --exact-preprocess --image-cache-entries 0`), `distinct`;
 2. `fast-decoder`: + the fast decoder (`--exact-preprocess --image-cache-entries 0`), `distinct`;
 3. `photos-exact`: step 2 on photos (Pillow decodes every pixel), `distinct`, then
    `fast-upload`: + the fast upload path (`--image-cache-entries 0`) on photos, `distinct`;
-4. `follow-up-no-cache`: the fast server with the cache off (`--image-cache-entries 0`) on `follow-up`, then
+4. `pool-prepare`: the fast server, every upload handed to the preprocessing pool (serve's default), then
+   `inline-prepare`: + uploads up to 16 KB decoded on the event loop (`--inline-prepare-kb 16`), `distinct`;
+5. `follow-up-no-cache`: the fast server with the cache off (`--image-cache-entries 0`) on `follow-up`, then
    `cache`: + the embedding cache (serve's default) on `follow-up`.
 
 (`--image-cache-entries 0` turns the cache off: nothing is stored, every image is a miss; a follow-up by image_id
@@ -32,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.lib import report
+from bench.lib.freeze import frozen
 from bench.lib.systems import add_setup_arguments, setup_from, start, stop_all
 from bench.lib.workloads import Workload
-from bench.scenarios.sweep import git_commit, measure
+from bench.scenarios.sweep import git_commit, measure, others
 
 NO_CACHE = ["--image-cache-entries", "0"]
 # name -> (serve flags, workload, on photos, the step it is measured against)
@@ -43,12 +47,17 @@ STEPS: dict[str, tuple[list[str], str, bool, str | None]] = {
     "fast-decoder": (["--exact-preprocess", *NO_CACHE], "distinct", False, "batching"),
     "photos-exact": (["--exact-preprocess", *NO_CACHE], "distinct", True, None),
     "fast-upload": (NO_CACHE, "distinct", True, "photos-exact"),
+    "pool-prepare": (NO_CACHE, "distinct", False, None),
+    "inline-prepare": ([*NO_CACHE, "--inline-prepare-kb", "16"], "distinct", False, "pool-prepare"),
     "follow-up-no-cache": (NO_CACHE, "follow-up", False, None),
     "cache": ([], "follow-up", False, "follow-up-no-cache"),
 }
 WHAT = {"batching": "batching alone (reference decoder, exact preprocessing, cache off)",
         "fast-decoder": "+ the fast decoder", "photos-exact": "the same on photos (every pixel decoded)",
-        "fast-upload": "+ the fast upload path (photos)", "follow-up-no-cache": "follow-up questions, cache off",
+        "fast-upload": "+ the fast upload path (photos)",
+        "pool-prepare": "every upload decoded in the preprocessing pool (the default)",
+        "inline-prepare": "+ uploads <= 16 KB decoded on the event loop (--inline-prepare-kb 16)",
+        "follow-up-no-cache": "follow-up questions, cache off",
         "cache": "+ the embedding cache (follow-up)"}
 
 
@@ -58,14 +67,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"{meta['concurrency']}, {meta['requests']} requests per row, {meta['repeats']} repeats (steps "
              "interleaved in each), every upload new", "", f"command: `{meta['command']}`", "",
              "| step | what | workload | images | answers/s median [min–max] | gain (within each repeat) | P95 ms | "
-             "failures | cache hits | misses | dedups | flags |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "CPU ms per answer | failures | cache hits | misses | dedups | others' CPU s (max) | flags |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         gain = f"{report.text(r['gain'])} over {r['gain_over']}" if r.get("gain") else "–"
         lines.append(f"| {r['step']} | {WHAT[r['step']]} | {r['workload']} | {r['images']} | {r['answers_per_s']} "
                      f"[{r['answers_per_s_min']}–{r['answers_per_s_max']}] | {gain} | {r['p95_ms']} | "
+                     f"{r.get('cpu_ms_per_answer', '–')} | "
                      f"{r['failures']} | {r['cache_hits']} | {r['cache_misses']} | {r['dedups']} | "
-                     f"`{r['flags']}` |")
+                     f"{r.get('others_cpu_s_max', '–')} | `{r['flags']}` |")
     bad = [r["step"] for r in rows if r["workload"] != "follow-up" and report.cached(r)]
     lines += ["", ("Cache hits or dedups on a `distinct` row: " + ", ".join(bad)) if bad else
               "0 cache hits and 0 dedups on every `distinct` row.", "", report.CACHE_NOTE]
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--photo-model", default=None, help="the model of the photo steps (default: --model)")
     ap.add_argument("--steps", default="all", help=f"all, or some of {', '.join(STEPS)}")
     ap.add_argument("--out", default="bench/out-ablation")
+    ap.add_argument("--no-freeze", action="store_true", help="leave the other steps' servers running meanwhile")
     add_setup_arguments(ap)
     args, extra = ap.parse_known_args(argv)
     steps = list(STEPS) if args.steps == "all" else [s for s in args.steps.split(",") if s]
@@ -106,9 +117,13 @@ def main(argv: list[str] | None = None) -> None:
         for rep in range(args.repeats):
             for step in steps[rep % len(steps):] + steps[:rep % len(steps)]:
                 flags, workload, photos, _ = STEPS[step]
-                row = measure(up[step], workloads[(workload, photos)], args.concurrency, args.requests)
+                with frozen([] if args.no_freeze else others(up, step)) as others_cpu:
+                    row = measure(up[step], workloads[(workload, photos)], args.concurrency, args.requests)
+                    row["others_cpu_s"] = others_cpu()
                 print(f"repeat {rep + 1} {step}: {row['answers_per_s']} answers/s, P95 {row['p95_ms']} ms, "
-                      f"{row['cache_hits']} hits", file=sys.stderr, flush=True)
+                      f"{row['cpu_ms_per_answer']} CPU ms/answer, {row['cache_hits']} hits, "
+                      f"others' CPU {row['others_cpu_s']} s",
+                      file=sys.stderr, flush=True)
                 runs.append({"system": step, "step": step, "concurrency": args.concurrency, "repeat": rep,
                              "workload": workload, "images": "photos" if photos else "easy-vqa",
                              "flags": " ".join(flags), **row})

@@ -2,7 +2,16 @@
 
     python -m bench breakdown [--system cluster|serve] [--workers N] [--concurrency 32] [--requests 1000]
         [--model DIR] [--images FOLDER|photos] [--workload distinct] [--out DIR] [any other serve flag]
+    python -m bench breakdown --systems cluster,litserve-fast [--images photos --model DIR] --concurrency 32
 
+With `--systems`: both sides explained. Each system is started, and measured while the others are frozen
+(bench.lib.freeze): a pass with no profiler gives the CPU of every process of the system from /proc, and a second
+pass of the same load with py-spy on each Python process (bench.lib.profiler) splits each process's CPU into
+stages (proxy, HTTP read+parse, middlewares+metrics, decode, preprocess, queue+collector, model, response, event
+loop and other), the same rules for both systems; the report prints the systems side by side and what each pays
+that the other does not.
+
+Without it (the older form, one system):
 It starts the system (bench.lib.systems, as every scenario does), sends a closed-loop load of uploads it has
 never seen (warm-up included: the `distinct` workload by default), and reads CPU time from three sources:
 the load generator's own process (this one), HAProxy's and the supervisor's /proc entries, and each worker's
@@ -23,24 +32,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.lib.freeze import frozen, proc_cpu, tree
 from bench.lib.loadgen import load, summarize
 from bench.lib.metrics import counted, scrape
-from bench.lib.systems import System, add_setup_arguments, setup_from, start, stop_all
+from bench.lib.profiler import STAGES as STAGE_NAMES
+from bench.lib.profiler import Spies, split, thread_cpu
+from bench.lib.systems import SYSTEMS, System, add_setup_arguments, setup_from, start, stop_all
 from bench.lib.workloads import WORKLOADS, Workload, mean_megapixels
 from vqa_async.metrics import STAGES
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_cpu(pid: int | None) -> float:
-    """User + system CPU seconds of a process (0 when it is gone)."""
-    if not pid:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def snapshot(sysm: System) -> dict[str, Any]:
@@ -101,9 +100,118 @@ def markdown(p: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def roles(sysm: System, pids: list[int]) -> dict[int, str]:
+    """A name for each process of a system: the cluster's from its state.json, LitServe's by order of birth."""
+    names = {pids[0]: "main"} if pids else {}
+    if sysm.state:
+        names[sysm.state["pid"]] = "supervisor"
+        if sysm.state.get("haproxy_pid"):
+            names[sysm.state["haproxy_pid"]] = "HAProxy"
+        for i, w in enumerate(sysm.state["workers"]):
+            if w.get("pid"):
+                names[w["pid"]] = f"worker {i + 1}"
+    for n, pid in enumerate(pids):
+        names.setdefault(pid, f"process {n}")
+    return names
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return ""
+
+
+def explain(sysm: System, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    """One system: a measured pass (CPU per process from /proc, no profiler running) and a profiled pass of the
+    same load (py-spy on each Python process), whose samples split each process's measured CPU into stages."""
+    sources = workload.sources(args.concurrency)
+    url = sysm.url + "/v1/vqa"
+    load(url, workload.jobs(200), args.concurrency, sources=sources)  # warm-up
+    assert sysm.proc is not None
+    pids = [p for p in tree(sysm.proc.pid) if proc_cpu(p) >= 0]
+    names = roles(sysm, pids)
+    cpu0, threads0, lg0 = {p: proc_cpu(p) for p in pids}, {p: thread_cpu(p) for p in pids}, os.times()
+    t0 = time.monotonic()
+    results = load(url, workload.jobs(args.requests), args.concurrency, timeout_s=300, sources=sources)
+    wall = time.monotonic() - t0
+    lg1, cpu = os.times(), {p: proc_cpu(p) - cpu0[p] for p in pids}
+    threads = {p: {t: v - threads0[p].get(t, 0.0) for t, v in thread_cpu(p).items()} for p in pids}
+    answers = sum(r.answers for r in results if r.status == 200)
+    spies = Spies(pids, rate=args.profile_rate)
+    try:
+        load(url, workload.jobs(args.requests), args.concurrency, timeout_s=300, sources=sources)
+    finally:
+        samples = spies.stop(keep=Path(args.out) / "pyspy" / sysm.name)
+    per = 1000 / max(1, answers)
+    processes, stages = [], dict.fromkeys(STAGE_NAMES, 0.0)
+    for pid in pids:
+        got, spent = samples.get(pid, {}), cpu[pid] * per
+        n = sum(sum(c.values()) for c in got.values())
+        if names[pid] == "HAProxy":
+            parts = {"proxy": spent}
+        elif n:
+            by_thread = split(threads[pid], got)  # CPU seconds per stage, from the threads' own CPU
+            whole = sum(by_thread.values()) or 1.0
+            parts = {k: spent * v / whole for k, v in by_thread.items()}
+        else:
+            parts = {"event loop, other": spent}
+        for k, v in parts.items():
+            stages[k] += v
+        processes.append({"process": names[pid], "pid": pid, "cmdline": cmdline(pid),
+                          "cpu_ms_per_answer": round(spent, 3), "samples": n, "threads": len(threads[pid]),
+                          "stages": {k: round(v, 3) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}})
+    loadgen = (lg1.user + lg1.system - lg0.user - lg0.system) * per
+    total = sum(stages.values())
+    outside = total - sum(stages[k] for k in ("model", "decode", "preprocess"))
+    return {"system": sysm.name, "answers": answers, "wall_s": round(wall, 2),
+            "answers_per_s": round(answers / wall, 1), "load": summarize(results, wall),
+            "load_generator_ms_per_answer": round(loadgen, 3), "processes": processes,
+            "stages_ms_per_answer": {k: round(v, 3) for k, v in stages.items()},
+            "total_ms_per_answer": round(total, 3), "outside_model_ms_per_answer": round(outside, 3)}
+
+
+def side_by_side(systems: list[dict[str, Any]], command: str) -> str:
+    names = [s["system"] for s in systems]
+    lines = [f"command: `{command}`", "",
+             "CPU ms per answer, measured from /proc on a pass with no profiler; each Python process's CPU split "
+             "into stages: each of its threads' CPU (from /proc) by that thread's py-spy samples on a second, "
+             "profiled pass of the same load (HAProxy is all `proxy`).", "",
+             "| stage | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for k in STAGE_NAMES:
+        lines.append(f"| {k} | " + " | ".join(str(s["stages_ms_per_answer"][k]) for s in systems) + " |")
+    lines.append("| **outside the model** (all but decode, preprocess, model) | "
+                 + " | ".join(f"**{s['outside_model_ms_per_answer']}**" for s in systems) + " |")
+    lines.append("| **all the system's processes** | " + " | ".join(f"**{s['total_ms_per_answer']}**" for s in systems)
+                 + " |")
+    lines.append("| load generator (this process) | "
+                 + " | ".join(str(s["load_generator_ms_per_answer"]) for s in systems) + " |")
+    lines.append("| answers/s (measured pass) | " + " | ".join(str(s["answers_per_s"]) for s in systems) + " |")
+    lines.append("| P95 ms (measured pass) | " + " | ".join(str(s["load"].get("p95_ms")) for s in systems) + " |")
+    for s in systems:
+        lines += ["", f"`{s['system']}`, by process (CPU ms per answer; the stages of each):", ""]
+        for p in s["processes"]:
+            top = ", ".join(f"{k} {v}" for k, v in p["stages"].items() if v >= 0.005)
+            lines.append(f"- {p['process']} (pid {p['pid']}, {p['samples']} samples): {p['cpu_ms_per_answer']}"
+                         + (f" = {top}" if top else ""))
+    if len(systems) >= 2:
+        a, b = systems[0], systems[1]
+        for x, y in ((a, b), (b, a)):
+            more = [(k, x["stages_ms_per_answer"][k] - y["stages_ms_per_answer"][k]) for k in STAGE_NAMES]
+            more = [(k, d) for k, d in more if d >= 0.02]
+            more.sort(key=lambda kv: -kv[1])
+            lines += ["", f"What `{x['system']}` pays that `{y['system']}` does not (or pays less of), ms per answer: "
+                      + (", ".join(f"{k} +{d:.3f}" for k, d in more) or "nothing above 0.02 ms") + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench breakdown", description=__doc__.splitlines()[0])
     ap.add_argument("--system", default="cluster", choices=["cluster", "serve"])
+    ap.add_argument("--systems", default=None,
+                    help="e.g. cluster,litserve-fast: each system's CPU per process and per stage (py-spy), side by "
+                         "side; the others frozen while one is measured")
+    ap.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second (with --systems)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--images", default=None, help="a folder of images, or `photos` (default: easy-VQA's test split)")
@@ -114,6 +222,32 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     workload = Workload(args.workload, args.images)
+    command = " ".join(["python -m bench breakdown"] + sys.argv[1:])
+    if args.systems:
+        names = [n for n in args.systems.split(",") if n]
+        bad = [n for n in names if n not in SYSTEMS or n in ("ceiling", "baseline")]
+        if bad:
+            raise SystemExit(f"breakdown cannot explain {bad}: one of serve, serve-exact, cluster, litserve, "
+                             "litserve-fast")
+        setup = setup_from(args, extra, log_dir=out / "logs")
+        try:
+            up = {n: start(n, setup) for n in names}
+            explained = []
+            for n in names:
+                with frozen([s.proc.pid for m, s in up.items() if m != n and s.proc is not None]) as others_cpu:
+                    e = explain(up[n], workload, args)
+                    e["others_cpu_s"] = others_cpu()
+                explained.append(e)
+        finally:
+            stop_all()
+        meta = {"command": command, "images": args.images or "easy-VQA test split", "workload": workload.name,
+                "image_mp": mean_megapixels(workload.pictures), "concurrency": args.concurrency,
+                "requests": args.requests, "cores": os.cpu_count()}
+        (out / "breakdown.json").write_text(json.dumps({**meta, "systems": explained}, indent=2) + "\n")
+        md = side_by_side(explained, command)
+        (out / "breakdown.md").write_text(md)
+        print(md)
+        return
     jobs = workload.jobs(args.requests)
     sources = workload.sources(args.concurrency)
     sysm = start(args.system, setup_from(args, extra, log_dir=out / "logs"))
@@ -135,7 +269,6 @@ def main(argv: list[str] | None = None) -> None:
          "system": args.system, "workers": args.workers if args.system == "cluster" else 1,
          "concurrency": args.concurrency, "workload": workload.name, "cache_hits": int(cache.cache_hits),
          "cache_misses": int(cache.cache_misses), "dedups": int(cache.dedups)}
-    command = " ".join(["python -m bench breakdown"] + sys.argv[1:])
     (out / "breakdown.json").write_text(json.dumps({**p, "command": command}, indent=2) + "\n")
     (out / "breakdown.md").write_text(markdown(p, command))
     print(markdown(p, command))

@@ -40,9 +40,9 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bench.lib.freeze import proc_cpu
     from bench.lib.loadgen import load, summarize, wait_ready
     from bench.lib.workloads import Workload, forms_of
-    from bench.scenarios.breakdown import proc_cpu
     from vqa_async.cluster.supervisor import free_port
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

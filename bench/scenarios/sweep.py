@@ -8,9 +8,11 @@ Every system is started once (bench.lib.systems: the same torch threads and OMP_
 repeat measures every level, and within a level every system one after another (the order rotates from repeat
 to repeat), so that the rows a ratio divides are taken close together in time. Each row is a warm-up and a
 measured closed-loop run, both with uploads no system has seen in this run; the servers' cache hits, misses and
-dedups during the row come from their /metrics. Writes DIR/results.json (one row per system and concurrency:
-the median of the repeats with min and max), DIR/run.json (every repeat, the per-repeat ratios, the targets),
-DIR/results.md and DIR/plot.png. Unknown flags go to serve and cluster.
+dedups during the row come from their /metrics. While one system is measured every other is frozen
+(SIGSTOP, bench.lib.freeze: idle LitServe polls a quarter of a core) and each row records the CPU seconds the
+others used meanwhile (`others_cpu_s`, ~0; `--no-freeze`: the old way). Writes DIR/results.json (one row per
+system and concurrency: the median of the repeats with min and max), DIR/run.json (every repeat, the per-repeat
+ratios, the targets), DIR/results.md and DIR/plot.png. Unknown flags go to serve and cluster.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from bench.lib import report
+from bench.lib.freeze import frozen, tree, tree_cpu
 from bench.lib.loadgen import load, summarize
 from bench.lib.metrics import Counted, counted
 from bench.lib.systems import SYSTEMS, Ceiling, Setup, System, add_setup_arguments, setup_from, start, stop_all
@@ -45,11 +49,16 @@ def measure(sysm: System, workload: Workload, concurrency: int, requests: int) -
     before = counted(sysm.metrics_urls) if sysm.metrics_urls else None
     load(url, warm, concurrency, sources=sources)
     mid = counted(sysm.metrics_urls) if sysm.metrics_urls else None
+    pids = tree(sysm.proc.pid) if sysm.proc is not None else []
+    cpu0 = tree_cpu(pids)
     t0 = time.monotonic()
     results = load(url, jobs, concurrency, timeout_s=300, sources=sources)
     wall = time.monotonic() - t0
+    cpu = tree_cpu(pids) - cpu0
     row = summarize(results, wall)
     answers = sum(r.answers for r in results if r.status == 200)
+    # All the system's processes (HAProxy, workers, LitServe's): robust where answers/s is not (a shared box).
+    row["cpu_ms_per_answer"] = round(1000 * cpu / answers, 3) if answers and pids else None
     if before is not None and mid is not None:
         after = counted(sysm.metrics_urls)
         whole: Counted = after - before
@@ -59,6 +68,11 @@ def measure(sysm: System, workload: Workload, concurrency: int, requests: int) -
         row.update(cache_hits=None, cache_misses=None, dedups=None, cpu_ms_per_image=None,
                    mean_batch_size=1.0 if sysm.name == "baseline" else None)
     return row
+
+
+def others(up: Mapping[str, Any], name: str) -> list[int]:
+    """The leader pids of every started system but `name` (the ceiling runs in this process: it is idle)."""
+    return [s.proc.pid for n, s in up.items() if n != name and isinstance(s, System) and s.proc is not None]
 
 
 def git_commit() -> str:
@@ -75,7 +89,8 @@ def meta_for(args: argparse.Namespace, setup: Setup, workload: Workload, scenari
             "images": args.images or "easy-VQA test split", "image_mp": mean_megapixels(workload.pictures),
             "requests": args.requests, "repeats": args.repeats, "workers": args.workers,
             "threads": args.torch_threads or "cores / model processes", "omp_wait_policy": setup.omp_wait_policy,
-            "serve_flags": setup.serve_flags, "machine": f"{os.cpu_count()} cores, {os.uname().machine}",
+            "serve_flags": setup.serve_flags, "frozen_others": not getattr(args, "no_freeze", False),
+            "machine": f"{os.cpu_count()} cores, {os.uname().machine}",
             "command": " ".join(["python -m bench", scenario] + sys.argv[1:])}
 
 
@@ -89,6 +104,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=int, default=200, help="measured requests per row")
     ap.add_argument("--images", default=None, help="`photos` (bench.lib.photos) or a folder (default: easy-VQA)")
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--no-freeze", action="store_true",
+                    help="leave the other systems running while one is measured (the old, unfair way)")
     add_setup_arguments(ap)
     return ap
 
@@ -125,8 +142,10 @@ def main(argv: list[str] | None = None) -> None:
                 for name in order:
                     bar.set_postfix(repeat=rep + 1, system=name, concurrency=c)
                     sysm = up[name]
-                    row = sysm.measure(c, args.requests) if isinstance(sysm, Ceiling) else \
-                        measure(sysm, workload, c, args.requests)
+                    with frozen([] if args.no_freeze else others(up, name)) as others_cpu:
+                        row = sysm.measure(c, args.requests) if isinstance(sysm, Ceiling) else \
+                            measure(sysm, workload, c, args.requests)
+                        row["others_cpu_s"] = others_cpu()
                     runs.append({"system": name, "concurrency": c, "repeat": rep, "workload": workload.name,
                                  "images": args.images or "easy-vqa", **row})
                     bar.update(1)

@@ -122,9 +122,13 @@ class ImageSettings:
         0, "uploads accepted for decoding at once, running or waiting (0: 64 per preprocessing thread, at most "
            "max_queue); more is a fast 503, before any CPU is spent on them",
         auto="64 per preprocessing thread, at most --max-queue")
+    inline_prepare_kb: float = setting(
+        0.0, "uploads up to this size are decoded on the event loop, not handed to a preprocessing thread (0, the "
+             "default: every upload in the pool; the bench's ablation compares the two)")
 
     def check(self) -> None:
         _at_least_1(self, "max_pixels", "preprocess_threads", "max_preprocess_backlog")
+        _not_negative(self, "inline_prepare_kb")
 
 
 @dataclass(frozen=True, kw_only=True)

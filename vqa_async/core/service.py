@@ -77,6 +77,7 @@ class VqaService:
                                         incoming=lambda: self._incoming, fair=settings.scheduling == "fair",
                                         return_window_s=settings.return_window_ms / 1000)
         self._prep_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="vqa-preprocess")
+        self._inline_bytes = int(settings.inline_prepare_kb * 1024)
         self._batcher: asyncio.Task[None] | None = None
         self._upload: UploadPixels | None = None
         self.draining = False  # set on SIGTERM with --drain-s: out of rotation before the socket closes
@@ -212,7 +213,11 @@ class VqaService:
         loop = asyncio.get_running_loop()
         self._incoming += 1
         try:
-            if image is not None:
+            if image is not None and len(image) <= self._inline_bytes:
+                # --inline-prepare-kb: a small upload (the demo's 1 KB PNGs) decoded on the loop at once, without
+                # the hand-over to the pool and back. Off by default: the ablation did not show it (RESULTS.md).
+                answered, prepared = self._prepare(image, questions, scope)
+            elif image is not None:
                 answered, prepared = await hooks.traced("decode", loop.run_in_executor(
                     self._prep_pool, self._prepare, image, questions, scope))
             else:
