@@ -19,13 +19,15 @@ from vqa_async.cluster.options import OPTION_GROUPS, ClusterOptions
 from vqa_async.config import GROUPS, AskedSettings, BatchingSettings, Settings, settings_env
 from vqa_async.config.fields import group_title
 
-# The user's contract (a VQA_<NAME> variable and a --<name> flag each), as it stood before the groups.
+# The user's contract (a VQA_<NAME> variable and a --<name> flag each): as it stood before the groups, plus
+# inline_prepare_kb (issue 26's ablation switch).
 FLAT_NAMES = """model host port unix_socket device dtype max_batch_size max_wait_ms return_window_ms max_queue timeout_s
 max_body_mb max_pixels max_questions max_question_chars allowed_media_domains allow_private_media
 media_connect_timeout_s media_timeout_s max_form_parts body_timeout_s max_connections stuck_timeout_s
 sick_after_failures decoder image_cache_entries image_cache_mb exact_preprocess gpu_decode preprocess_threads
 max_preprocess_backlog torch_threads shutdown_timeout_s drain_s loop api_keys metrics_need_key trusted_proxies
-scheduling preempt_share max_inflight_per_client tls_cert tls_key access_log worker_name log_level""".split()  # noqa: SIM905
+scheduling preempt_share max_inflight_per_client tls_cert tls_key access_log worker_name log_level
+inline_prepare_kb""".split()  # noqa: SIM905
 ROOT = Path(__file__).resolve().parents[1]
 
 
