@@ -11,7 +11,7 @@ import torch
 
 from vqa_async.model.answer import Answerer
 from vqa_async.model.loader import DEMO_MODEL_DIR, LoadedModel, load_model
-from vqa_async.tools.synth import synth
+from vqa_async.model.synth import synth
 
 # The demo model's ops are tiny: one thread is as fast, and does not thrash when the cores are busy.
 torch.set_num_threads(1)

@@ -118,7 +118,7 @@ def photo_server(tmp_path_factory: pytest.TempPathFactory, photo_uploads: list[b
     """The app on a model with mPLUG-large's 504 px input (the `photo504` replica, random weights)."""
     import torch
 
-    from vqa_async.tools.synth import synth
+    from vqa_async.model.synth import synth
 
     d = tmp_path_factory.mktemp("photo504")
     synth("photo504", d, dtype=torch.float32, seed=0, progress=False)

@@ -15,9 +15,9 @@ from vqa_async.config import Settings
 from vqa_async.core.service import VqaService
 from vqa_async.http import handlers, openai_api, page
 from vqa_async.http.accesslog import AccessLog
+from vqa_async.http.app_keys import ACCESS_LOG, AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.auth import Auth, KeyRing, auth_middleware
 from vqa_async.http.errors import error_middleware
-from vqa_async.http.keys import ACCESS_LOG, AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.quota import InflightLimit
 from vqa_async.http.security import add_security_headers
 from vqa_async.http.tracing import tracing_middleware

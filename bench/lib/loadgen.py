@@ -56,7 +56,7 @@ class Result:
 def easy_vqa_requests(n: int) -> list[tuple[bytes, str]]:
     """n (image bytes, question) pairs from easy-VQA's test split, cycling; one bytes object per image. The same
     bytes come back after 1,000-odd requests: a comparison stamps them (bench.lib.workloads)."""
-    from vqa_async.tools.evaluate import easy_vqa_test
+    from vqa_async.model.evaluate import easy_vqa_test
 
     questions, _, paths = easy_vqa_test()
     images: dict[str, bytes] = {}

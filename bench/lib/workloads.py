@@ -82,7 +82,7 @@ def source_images(images: str | None) -> list[Picture]:
 
 
 def _easy_vqa_paths() -> list[str]:
-    from vqa_async.tools.evaluate import easy_vqa_test
+    from vqa_async.model.evaluate import easy_vqa_test
 
     return list(easy_vqa_test()[2])
 

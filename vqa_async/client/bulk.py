@@ -16,7 +16,7 @@ flight are answered and written (a second Ctrl-C drops them, to be asked again b
 130 interrupted.
 
 This is a client: it imports no torch (`vqa_async.client` does the sending, with its retries and photo
-shrinking).
+shrinking). It was `vqa_async.batch_job`, which still imports it.
 """
 
 from __future__ import annotations

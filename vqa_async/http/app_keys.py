@@ -1,4 +1,4 @@
-"""Typed application keys, in one place."""
+"""Typed aiohttp application keys (the app's shared state), in one place. API keys are http/auth.py's."""
 
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ class Auth:
         return path in ("/metrics", SUM_ROUTE) and not self.metrics_need_key
 
 
-# Beside its type: the middleware below reads it without importing keys.py (which lists it with the others).
+# Beside its type: the middleware below reads it without importing app_keys.py (which lists it with the others).
 AUTH = web.AppKey("auth", Auth)
 
 

@@ -11,9 +11,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from vqa_async.batching.runner import ItemFailed, ModelFailing
 from vqa_async.core.adapter import ImageNotCached
 from vqa_async.core.service import NotReady, Outcome, Overloaded
+from vqa_async.http.app_keys import AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.context import CLIENT, OUTCOME, QUESTIONS, Client
 from vqa_async.http.errors import ApiError, Handler, error_body, json_response
-from vqa_async.http.keys import AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.openapi import openapi_spec
 from vqa_async.http.parse import IMAGE_ID_HEADER, VqaInput, read_vqa_input
 from vqa_async.metrics import SUM_ROUTE, multiprocess_dir, summed

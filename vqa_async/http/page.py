@@ -12,10 +12,10 @@ from pathlib import Path
 import aiohttp_jinja2
 from aiohttp import web
 
+from vqa_async.http.app_keys import AUTH, SERVICE, SETTINGS
 from vqa_async.http.auth import form_client
 from vqa_async.http.errors import ApiError
 from vqa_async.http.handlers import ask, image_header
-from vqa_async.http.keys import AUTH, SERVICE, SETTINGS
 from vqa_async.http.parse import read_vqa_input
 from vqa_async.http.security import refuse_cross_site
 
