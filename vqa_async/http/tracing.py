@@ -8,18 +8,15 @@ is kept, logged and echoed; an invalid one is dropped (a malformed header must n
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 import re
-import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
-from vqa_async.http.context import OUTCOME, REQUEST_ID, TRACEPARENT
+from vqa_async.http.context import OUTCOME
 
 CURRENT_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("vqa_request_id", default=None)
 
@@ -27,7 +24,6 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # version 00: trace-id (32 hex, not all zero) - parent-id (16 hex, not all zero) - flags (2 hex)
 _TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Called once per request when it ends: (request, status, latency_s)
 Finisher = Callable[[web.Request, int, float], None]
 
@@ -72,37 +68,3 @@ def server_timing(request: web.Request, latency_s: float) -> str:
         parts = [f"queue;dur={out.queue_ms}", f"preprocess;dur={out.preprocess_ms}", f"compute;dur={out.compute_ms}"]
     parts.append(f"total;dur={latency_s * 1000:.2f}")
     return ", ".join(parts)
-
-
-def tracing_middleware(finish: Finisher) -> Middleware:
-    """The outermost middleware: sets the request's id first and sees its final status last."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        t0 = time.monotonic()
-        rid = request_id_from(request.headers.get("X-Request-ID"))
-        request[REQUEST_ID] = rid
-        if tp := traceparent_from(request.headers.get("traceparent")):
-            request[TRACEPARENT] = tp
-        token = CURRENT_ID.set(rid)
-        status = 500
-        try:
-            resp = await handler(request)
-            status = resp.status
-            resp.headers["X-Request-ID"] = rid
-            if tp:
-                resp.headers["traceparent"] = tp
-            resp.headers["Server-Timing"] = server_timing(request, time.monotonic() - t0)
-            return resp
-        except web.HTTPException as e:  # redirects and the like: the error middleware answers the rest
-            status = e.status
-            e.headers["X-Request-ID"] = rid
-            raise
-        except asyncio.CancelledError:
-            status = 499  # the client left
-            raise
-        finally:
-            finish(request, status, time.monotonic() - t0)
-            CURRENT_ID.reset(token)
-
-    return middleware
