@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.lib.loadgen import Form, Job, easy_vqa_requests, multipart
+from bench.lib.forms import Form, Job, easy_vqa_requests, multipart
 
 WORKLOADS = ("distinct", "follow-up", "multi", "many-people")
 QUESTIONS = ["what is in the picture?", "what color is it?", "is there a person?", "how many are there?"]
