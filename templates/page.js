@@ -8,6 +8,8 @@
 // A further question about the same picture names it by the `image_id` of the last answer instead of sending it
 // again (no image bytes leave the browser); if the server no longer holds it (409 image_not_cached), the picture is
 // sent once more. The id is kept on the form as data-image-id and forgotten when another picture is chosen.
+// On the demo model the page offers example pictures (buttons.example): a click chooses the picture (its bytes are
+// in the img's data: URL), fills in its question and asks it, as if the user had done each step.
 // No inline script or style anywhere: the Content-Security-Policy allows only this file and page.css.
 (() => {
   const form = document.getElementById("ask");
@@ -40,6 +42,18 @@
   drop.addEventListener("drop", e => {
     if (e.dataTransfer.files.length) { file.files = e.dataTransfer.files; show(file.files[0]); }
   });
+
+  document.querySelectorAll("button.example").forEach(button => button.addEventListener("click", () => {
+    const encoded = button.querySelector("img").src.split(",")[1];
+    const bytes = Uint8Array.from(atob(encoded), c => c.charCodeAt(0));
+    const picked = new File([bytes], button.dataset.file, { type: "image/png" });
+    const chosen = new DataTransfer();
+    chosen.items.add(picked);
+    file.files = chosen.files;
+    show(picked);
+    document.getElementById("question").value = button.dataset.question;
+    form.requestSubmit();
+  }));
 
   function render(html) { result.innerHTML = html; result.hidden = false; }
   function esc(s) { const d = document.createElement("div"); d.textContent = s; return d.innerHTML; }

@@ -12,7 +12,7 @@ import torch
 from vqa_async.config import allow_env
 from vqa_async.model.answer import Answerer
 from vqa_async.model.loader import DEMO_MODEL_DIR, LoadedModel, load_model
-from vqa_async.tools.synth import synth
+from vqa_async.model.synth import synth
 
 # The test suite's own VQA_* variables, not settings: allowed here, and VQA_TEST_DEMO_DIR is taken out of the
 # environment that the servers the tests start inherit (they are given --model). VQA_TEST_FAULT_FILE is the

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from vqa_async.app import init_app
 from vqa_async.config import Settings
-from vqa_async.http.keys import SERVICE
+from vqa_async.http.app_keys import SERVICE
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

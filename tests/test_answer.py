@@ -77,7 +77,7 @@ def test_equal_to_modelscope_pipeline(tmp_path_factory: pytest.TempPathFactory,
     """ModelScope's own, unmodified pipeline on a directory it loads, against our converted copy of it."""
     from pipeline_support import make_reference_model_dir, reference_answer, reference_pipeline
 
-    from vqa_async.tools.convert import convert
+    from vqa_async.model.convert import convert
 
     src = make_reference_model_dir(tmp_path_factory.mktemp("reference"), seed=0)
     dst = tmp_path_factory.mktemp("served")

@@ -152,7 +152,7 @@ def test_a_bad_input_is_refused_before_anything_is_sent(tmp_path: Path, lines: l
     out = tmp_path / "out.jsonl"
     rc = main(["batch", str(inp), str(out), "--url", "http://127.0.0.1:9"])  # nobody there: nothing may be sent
     assert rc == 2 and not out.exists()
-    import vqa_async.batch_job as bj
+    import vqa_async.client.bulk as bj
 
     with pytest.raises(bj.BatchInputError, match=message):
         bj.read_input(inp)

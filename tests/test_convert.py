@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from vqa_async.model.answer import Answerer
 from vqa_async.model.architecture import WEIGHTS_NAME
+from vqa_async.model.convert import ConvertError, convert
 from vqa_async.model.loader import load_model
-from vqa_async.tools.convert import ConvertError, convert
 
 
 @pytest.fixture(scope="module")

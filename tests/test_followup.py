@@ -21,7 +21,7 @@ from vqa_async.app import init_app
 from vqa_async.batching.work import WorkItem
 from vqa_async.config import Settings
 from vqa_async.core.adapter import ImageNotCached, VqaPayload
-from vqa_async.http.keys import METRICS, SERVICE
+from vqa_async.http.app_keys import METRICS, SERVICE
 from vqa_async.model.preprocess import UploadPixels
 
 ClientMaker = Callable[..., Awaitable[TestClient[Any, Any]]]

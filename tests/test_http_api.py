@@ -17,7 +17,7 @@ from PIL import Image
 
 from vqa_async.app import init_app
 from vqa_async.config import Settings
-from vqa_async.http.keys import METRICS, SERVICE
+from vqa_async.http.app_keys import METRICS, SERVICE
 
 ClientMaker = Callable[..., Awaitable[TestClient[Any, Any]]]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from page_support import (
 )
 
 from vqa_async.config import Settings
+from vqa_async.http.page import EXAMPLES
 
 SCREENSHOT_COPY = Path("/tmp/page_screenshot.png")
 
@@ -106,6 +108,51 @@ def test_screenshot_of_answered_page(server: str, browser: webdriver.Chrome, ima
         shutil.copyfile(shot, SCREENSHOT_COPY)
 
 
+# -- the demo's examples: what a newcomer tries first ----------------------------------------------------------------
+
+EXAMPLES_SCREENSHOT = Path("/tmp/page_examples_screenshot.png")
+
+
+def test_js_each_example_is_one_click_to_its_answer(server: str, browser: webdriver.Chrome, demo_dir: Path,
+                                                   tmp_path: Path) -> None:
+    facts = json.loads((demo_dir / EXAMPLES).read_text())
+    browser.get(server + "/")
+    browser.execute_script("window.__vqaMarker = 1;")
+    assert browser.find_element(By.ID, "guide").is_displayed()
+    assert browser.find_element(By.ID, "shapes").text == ", ".join(facts["shapes"])
+    assert browser.find_element(By.ID, "colours").text == ", ".join(facts["colours"])
+    buttons = browser.find_elements(By.CSS_SELECTOR, "button.example")
+    assert [b.get_attribute("data-question") for b in buttons] == [ex["question"] for ex in facts["examples"]]
+    for button, ex in zip(buttons, facts["examples"]):
+        assert browser.execute_script("return arguments[0].querySelector('img').naturalWidth;", button) == 64
+        browser.execute_script("const r = document.getElementById('result'); r.innerHTML = ''; r.hidden = true;")
+        button.click()
+        out = wait_outcome(browser)
+        assert out.get_attribute("id") == "answer", out.text
+        assert out.get_attribute("textContent") == ex["answer"], ex
+        assert browser.find_element(By.ID, "question").get_attribute("value") == ex["question"]
+        assert browser.find_element(By.ID, "preview").is_displayed()
+    # answered in place, under the Content-Security-Policy
+    assert browser.execute_script("return window.__vqaMarker;") == 1
+    assert csp_violations(browser) == []
+    shot = tmp_path / "examples.png"
+    assert browser.save_screenshot(str(shot))
+    with contextlib.suppress(OSError):  # a copy for people to look at; not part of the test
+        shutil.copyfile(shot, EXAMPLES_SCREENSHOT)
+
+
+def test_no_js_the_guide_and_examples_are_in_the_html(server: str, browser_nojs: webdriver.Chrome,
+                                                       demo_dir: Path) -> None:
+    facts = json.loads((demo_dir / EXAMPLES).read_text())
+    browser_nojs.get(server + "/")
+    guide = browser_nojs.find_element(By.ID, "guide")
+    assert guide.is_displayed() and "Without JavaScript" in guide.text
+    pictures = browser_nojs.find_elements(By.CSS_SELECTOR, "button.example img")
+    assert len(pictures) == len(facts["examples"])
+    assert all(browser_nojs.execute_script("return arguments[0].naturalWidth;", p) == 64 for p in pictures)
+    assert csp_violations(browser_nojs) == []
+
+
 # -- photos: shrunk in the browser ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -118,7 +165,7 @@ def photo_server(tmp_path_factory: pytest.TempPathFactory, photo_uploads: list[b
     """The app on a model with mPLUG-large's 504 px input (the `photo504` replica, random weights)."""
     import torch
 
-    from vqa_async.tools.synth import synth
+    from vqa_async.model.synth import synth
 
     d = tmp_path_factory.mktemp("photo504")
     synth("photo504", d, dtype=torch.float32, seed=0, progress=False)

@@ -13,7 +13,7 @@ from bench.lib.photos import QUESTIONS, ROTATED, TRANSPARENT, Photo, build
 from vqa_async.model.answer import Answerer
 from vqa_async.model.loader import LoadedModel, load_model
 from vqa_async.model.preprocess import UploadPixels, normalize_pixels
-from vqa_async.tools.synth import synth
+from vqa_async.model.synth import synth
 
 # Question sets per model: the demo knows easy-VQA's phrasing only; the replica's vocabulary is BERT-sized.
 DEMO_QUESTIONS = ["what color is the shape?", "what shape is in the image?", "is there a red shape?",

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from vqa_async.model.architecture import WEIGHTS_NAME, build_empty, read_config, serving_keys
-from vqa_async.tools.synth import synth
+from vqa_async.model.synth import synth
 
 
 def test_synth_writes_exact_shapes_seeded(tmp_path: Path) -> None:

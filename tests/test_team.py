@@ -25,8 +25,8 @@ from fakes import FaultyAnswerer
 
 from vqa_async.app import init_app
 from vqa_async.config import Settings
+from vqa_async.http.app_keys import METRICS, SERVICE
 from vqa_async.http.auth import KeyRing, client_address
-from vqa_async.http.keys import METRICS, SERVICE
 from vqa_async.http.tracing import RequestIdFilter
 
 ClientMaker = Callable[..., Awaitable[TestClient[Any, Any]]]

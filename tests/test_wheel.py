@@ -122,9 +122,11 @@ def test_the_wheel_carries_the_templates_and_no_tests(wheel: Path) -> None:
     assert {f"vqa_async/templates/{n}" for n in ("index.html", "page.js", "page.css")} <= set(names)
     assert "vqa_async/haproxy_templates/haproxy.cfg.j2" in names
     assert "vqa_async/demo/model.safetensors" in names
+    assert "vqa_async/demo/examples/examples.json" in names  # the page's guide and pictures on the demo model
     assert not [n for n in names if n.startswith(("tests/", "bench/", "tools/", "templates/", "haproxy/"))]
     # What serves is what ships: no trainer, memory probe, load generator or certificate maker.
-    assert not [n for n in names if n.rsplit("/", 1)[-1] in ("train_demo.py", "memcheck.py", "loadgen.py", "certs.py")]
+    assert not [n for n in names if n.rsplit("/", 1)[-1] in ("train_demo.py", "memcheck.py", "loadgen.py", "certs.py",
+                                                                  "demo_examples.py")]
 
 
 @pytest.fixture(scope="module")

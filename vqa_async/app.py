@@ -15,12 +15,11 @@ from vqa_async.config import Settings
 from vqa_async.core.service import VqaService
 from vqa_async.http import handlers, open_inference, openai_api, page
 from vqa_async.http.accesslog import AccessLog
-from vqa_async.http.auth import Auth, KeyRing, auth_middleware
-from vqa_async.http.errors import error_middleware
-from vqa_async.http.keys import ACCESS_LOG, AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
+from vqa_async.http.app_keys import ACCESS_LOG, AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
+from vqa_async.http.auth import Auth, KeyRing
+from vqa_async.http.middleware import middlewares
 from vqa_async.http.quota import InflightLimit
 from vqa_async.http.security import add_security_headers
-from vqa_async.http.tracing import tracing_middleware
 from vqa_async.metrics import SUM_ROUTE, Metrics, multiprocess_dir
 
 log = logging.getLogger(__name__)
@@ -31,10 +30,7 @@ MULTIPART_SLACK = 64 * 1024
 
 def init_app(settings: Settings) -> web.Application:
     access_log = AccessLog(settings.access_log, settings.worker_name)
-    # Outermost first: the request id is set before anything logs, and the access log sees the final status;
-    # the key is checked inside the error middleware so that a refusal is a JSON 401 with that id.
-    app = web.Application(middlewares=[tracing_middleware(access_log.finish), handlers.metrics_middleware,
-                                       error_middleware, auth_middleware],
+    app = web.Application(middlewares=middlewares(access_log.finish),
                           client_max_size=settings.max_body_bytes + MULTIPART_SLACK)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()

@@ -52,8 +52,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from vqa_async.model.answer import Answerer
+    from vqa_async.model.evaluate import evaluate
     from vqa_async.model.loader import load_model
-    from vqa_async.tools.evaluate import evaluate
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     answerer = Answerer(loaded.model, loaded.tokenizer, loaded.device, loaded.dtype, decoder=args.decoder)
@@ -69,8 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from vqa_async.model.convert import ConvertError, convert
     from vqa_async.model.loader import parse_dtype
-    from vqa_async.tools.convert import ConvertError, convert
 
     try:
         report = convert(args.src, args.dst, dtype=parse_dtype(args.dtype))
@@ -84,7 +84,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from vqa_async.model.loader import parse_dtype
-    from vqa_async.tools.synth import synth
+    from vqa_async.model.synth import synth
 
     dtype = parse_dtype(args.dtype)
     assert dtype is not None  # argparse's choices name a dtype
@@ -94,9 +94,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from vqa_async import batch_job
+    from vqa_async.client import bulk
 
-    return batch_job.main(args)
+    return bulk.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--seed", type=int, default=0)
     sy.set_defaults(func=cmd_synth)
 
-    from vqa_async.batch_job import add_arguments as batch_arguments
+    from vqa_async.client.bulk import add_arguments as batch_arguments
 
     ba = sub.add_parser("batch", help="answer a JSONL file of requests (OpenAI Batch or plain) through a running "
                                       "server; resumable")

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.lib.loadgen import Form, Job, easy_vqa_requests, multipart
+from bench.lib.forms import Form, Job, easy_vqa_requests, multipart
 
 WORKLOADS = ("distinct", "follow-up", "multi", "many-people")
 QUESTIONS = ["what is in the picture?", "what color is it?", "is there a person?", "how many are there?"]
@@ -82,7 +82,7 @@ def source_images(images: str | None) -> list[Picture]:
 
 
 def _easy_vqa_paths() -> list[str]:
-    from vqa_async.tools.evaluate import easy_vqa_test
+    from vqa_async.model.evaluate import easy_vqa_test
 
     return list(easy_vqa_test()[2])
 

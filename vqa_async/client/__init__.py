@@ -11,7 +11,8 @@ It imports no torch: it needs aiohttp, Pillow and orjson only.
 """
 
 from vqa_async.client.aio import AsyncClient
-from vqa_async.client.errors import Answer, Response, VqaError
+from vqa_async.client.answers import Answer, Response
+from vqa_async.client.errors import VqaError
 from vqa_async.client.sync import Client
 from vqa_async.client.upload import ImageLike, Prepared
 

@@ -18,7 +18,8 @@ import orjson
 
 import vqa_async.client.upload as upload
 from vqa_async import __version__
-from vqa_async.client.errors import Answer, Response, VqaError
+from vqa_async.client.answers import Answer, Response
+from vqa_async.client.errors import VqaError
 from vqa_async.client.lookahead import Lookahead
 from vqa_async.client.upload import ImageLike, Prepared
 

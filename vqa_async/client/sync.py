@@ -10,7 +10,8 @@ from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from vqa_async.client.aio import AsyncClient, Job
-from vqa_async.client.errors import Answer, Response, VqaError
+from vqa_async.client.answers import Answer, Response
+from vqa_async.client.errors import VqaError
 from vqa_async.client.upload import ImageLike, Prepared
 
 T = TypeVar("T")

@@ -21,7 +21,7 @@ from typing import Any
 
 from vqa_async.cluster.haproxy import RuntimeApi
 from vqa_async.cluster.runtime import read_json, write_json
-from vqa_async.cluster.workers import NotReady, Trial, Worker
+from vqa_async.cluster.workers import Trial, Worker, WorkerNotReady
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,10 @@ class Reloader:
         try:
             await w.wait_ready(proc, self.timing.ready_timeout_s)
             trial.accept()
-        except NotReady as e:
+        except WorkerNotReady as e:
             log.error("reload stopped: %s; worker %s goes back to %s", e, w.name, previous or "demo")
             proc = await w.restart(previous, ROLLBACK_GRACE_S)
-            with contextlib.suppress(NotReady):
+            with contextlib.suppress(WorkerNotReady):
                 await w.wait_ready(proc, self.timing.ready_timeout_s)
             await self.api.set_state(w.name, "ready")
             raise ReloadFailed(f"{e} on {target or 'the demo model'}; it is back on "

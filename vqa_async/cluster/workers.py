@@ -4,7 +4,7 @@
     supervise()                 the owner: restarts the process when it exits or fails liveness (with exponential
                                 backoff if it keeps failing), and replaces it when asked (`restart`)
     restart(model, grace_s)     asks the owner for a new process (onto `model`); returns it once spawned
-    wait_ready(proc, timeout)   until `proc` answers /readyz 200; NotReady if it exits, is replaced or is late
+    wait_ready(proc, timeout)   until `proc` answers /readyz 200; WorkerNotReady if it exits, is replaced or is late
 
 Every field is written by the worker's own methods, run by its owner (the supervisor's start, then `supervise`);
 others ask through `restart` and read the properties. A reload trying a model on a worker hands it a Trial: until
@@ -38,7 +38,7 @@ TRIAL_WAIT_S = 30.0  # how long a worker that died on a model under trial waits 
 Process = asyncio.subprocess.Process
 
 
-class NotReady(RuntimeError):
+class WorkerNotReady(RuntimeError):
     """A worker's process exited, was replaced, or did not answer /readyz 200 in time."""
 
 
@@ -152,23 +152,23 @@ class Worker:
         return await request.done
 
     async def wait_ready(self, proc: Process, timeout: float) -> None:
-        """Until `proc` (this worker's process) answers /readyz 200; NotReady if it exits, is replaced, or the
+        """Until `proc` (this worker's process) answers /readyz 200; WorkerNotReady if it exits, is replaced, or the
         timeout passes first."""
         end = time.monotonic() + timeout
         url = f"http://127.0.0.1:{self.port}/readyz"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             while time.monotonic() < end:
                 if proc.returncode is not None:
-                    raise NotReady(f"worker {self.name} exited with {proc.returncode} before it was ready "
+                    raise WorkerNotReady(f"worker {self.name} exited with {proc.returncode} before it was ready "
                                    "(its error is in the cluster's log)")
                 if self._s.proc is not proc:
-                    raise NotReady(f"worker {self.name} was replaced before it was ready")
+                    raise WorkerNotReady(f"worker {self.name} was replaced before it was ready")
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                     async with session.get(url) as r:
                         if r.status == 200:
                             return
                 await asyncio.sleep(0.2)
-        raise NotReady(f"worker {self.name} not ready within {timeout:.0f} s")
+        raise WorkerNotReady(f"worker {self.name} not ready within {timeout:.0f} s")
 
     def hup(self) -> bool:
         """SIGHUP to the process (it re-reads its API keys and reopens its access log); False if none runs."""
@@ -186,7 +186,7 @@ class Worker:
         return await self._spawn(warm=False)
 
     async def ready(self) -> None:
-        """Until the first process is ready (NotReady says why not)."""
+        """Until the first process is ready (WorkerNotReady says why not)."""
         assert self._s.proc is not None and self._s.liveness is not None
         await self.wait_ready(self._s.proc, self._patience.ready_timeout_s)
         self._s.liveness.saw_ready()

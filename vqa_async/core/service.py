@@ -1,6 +1,7 @@
 """The application core: the request path below HTTP. Admission, readiness, and ask().
 
-    ask() -> preprocess (thread pool) -> queue -> BatchCollector -> BatchRunner (model thread) -> VqaAdapter
+    ask() -> preprocess (thread pool) -> queue -> the batch loop (batching/loop.py: BatchCollector ->
+          BatchRunner on the model thread -> VqaAdapter)
           <- future (Done: answers and timings)
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vqa_async.batching.collect import BatchCollector
-from vqa_async.batching.preemption import hand_over_newcomers
+from vqa_async.batching.loop import run_batches
 from vqa_async.batching.runner import BatchRunner
 from vqa_async.batching.work import Done, WorkItem
 from vqa_async.config import Settings
@@ -106,7 +107,9 @@ class VqaService:
         assert self.loaded is not None
         self._upload = UploadPixels(self.loaded.image_res, s.max_pixels, exact=s.exact_preprocess,
                                     device=self.loaded.device if s.gpu_decode else None)
-        self._batcher = asyncio.create_task(self._run_batches(), name="vqa-batcher")
+        preempt = self.collector.fair and s.preempt_share > 0
+        self._batcher = asyncio.create_task(run_batches(self.collector, self.runner, self.metrics, preempt),
+                                            name="vqa-batcher")
         log.info("ready: model %s on %s, %s decoder, max batch %d questions, max wait %.1f ms, queue %d, "
                  "%d model threads, %d preprocessing threads", self.model_name, s.device, s.decoder,
                  s.max_batch_size, s.max_wait_ms, s.max_queue, torch.get_num_threads(), s.preprocess_threads)
@@ -165,31 +168,6 @@ class VqaService:
         self._probe_at = now
         self._probe = asyncio.ensure_future(self.runner.call(self.runner.probe))
         self._probe.add_done_callback(_log_probe)
-
-    async def _run_batches(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self.collector.collect(self.runner.cap)
-            self.metrics.queue_depth.set(self.collector.pending())
-            await self._run(loop, batch)
-            self.collector.answered(len(batch))
-            for late in self.runner.preemption.take_unstarted():  # handed over as the batch ended: they go first
-                await self._run(loop, late)
-                self.collector.answered(len(late), more=True)
-
-    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[WorkItem[VqaPayload]]) -> None:
-        run = asyncio.ensure_future(self.runner.run(loop, batch))
-        try:
-            if self.collector.fair and self.settings.preempt_share > 0:
-                await hand_over_newcomers(self.runner.preemption, self.collector, run, batch, lambda: self.runner.cap)
-            await run
-        except Exception as e:  # the runner settles its own failures; this is a bug, keep serving
-            log.exception("batch runner failed")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(e)
-        finally:
-            run.cancel()  # when the batcher itself is cancelled (shutdown); a no-op once the batch has run
 
     # -- the request path -------------------------------------------------------------------------------------
     async def ask(self, image: bytes | None, questions: list[str], client: str = "", weight: int = 1,

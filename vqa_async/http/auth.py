@@ -18,7 +18,6 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,6 @@ from vqa_async.metrics import SUM_ROUTE
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -134,7 +132,7 @@ class Auth:
         return path in ("/metrics", SUM_ROUTE) and not self.metrics_need_key
 
 
-# Beside its type: the middleware below reads it without importing keys.py (which lists it with the others).
+# Beside its type: form_client below reads it without importing app_keys.py (which lists it with the others).
 AUTH = web.AppKey("auth", Auth)
 
 
@@ -206,23 +204,3 @@ def form_client(request: web.Request, api_key: str | None) -> Client:
         raise unauthorized("that API key is not valid")
     request[CLIENT] = client
     return client
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    auth = request.app[AUTH]
-    if auth.keys is None:
-        request[CLIENT] = Client(client_address(request, auth.trusted))
-        return await handler(request)
-    if auth.is_open(request):  # a credential here is not checked: probes and the page answer anyway
-        return await handler(request)
-    clients = {auth.keys.find(k) for k in presented_keys(request)}
-    if not clients:
-        raise unauthorized("send an API key: 'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
-    client = clients.pop()
-    if client is None or clients:  # an unknown key, or two keys of different clients
-        log.info("refused: an unknown API key (%s %s)", request.method, request.path)
-        raise unauthorized("that API key is not valid")
-    request[CLIENT] = client
-    return await handler(request)
-

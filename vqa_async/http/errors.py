@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
-from vqa_async.http.context import ERROR_CODE
 from vqa_async.http.error_codes import STATUS_CODES, status_of
 from vqa_async.http.tracing import current_request_id
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -101,28 +98,3 @@ def to_api_error(e: BaseException) -> ApiError:
     log.error("unexpected error [error id %s]", error_id, exc_info=e)
     return refuse("internal_error", f"something went wrong on our side; error id {error_id}",
                   {"X-Error-Id": error_id})
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        err = to_api_error(e)
-    except ApiError as e:
-        err = e
-    except Exception as e:  # noqa: BLE001 - the one place that turns the unexpected into a logged 500
-        err = to_api_error(e)
-    request[ERROR_CODE] = err.code  # for the access log
-    if request.path == "/vqa":  # the tutorial's response shape
-        body: object = {"status": "error", "message": err.message, "code": err.code,
-                        "request_id": current_request_id()}
-    elif uses_openai_shape(request.path):
-        body = openai_error_body(err, err.headers.get("X-Error-Id"))
-    elif uses_v2_shape(request.path):
-        body = v2_error_body(err, err.headers.get("X-Error-Id"))
-    else:
-        body = error_body(err.code, err.message, err.headers.get("X-Error-Id"))
-    return json_response(body, err.status, err.headers)

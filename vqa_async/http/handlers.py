@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -11,12 +10,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from vqa_async.batching.runner import ItemFailed, ModelFailing
 from vqa_async.core.adapter import ImageNotCached
 from vqa_async.core.service import NotReady, Outcome, Overloaded
+from vqa_async.http.app_keys import INFLIGHT, METRICS, SERVICE, SETTINGS
 from vqa_async.http.context import CLIENT, OUTCOME, QUESTIONS, Client
-from vqa_async.http.errors import ApiError, Handler, error_body, json_response
-from vqa_async.http.keys import AUTH, INFLIGHT, METRICS, SERVICE, SETTINGS
+from vqa_async.http.errors import ApiError, error_body, json_response
 from vqa_async.http.openapi import openapi_spec
 from vqa_async.http.parse import IMAGE_ID_HEADER, VqaInput, read_vqa_input
-from vqa_async.metrics import SUM_ROUTE, multiprocess_dir, summed
+from vqa_async.metrics import multiprocess_dir, summed
 from vqa_async.model.preprocess import ImageError
 
 
@@ -105,29 +104,3 @@ async def metrics_summed(request: web.Request) -> web.Response:
 
 async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_spec(request.app[SETTINGS]))
-
-
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Requests by route and status, and latency, for every route but /metrics itself."""
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-    if route in ("/metrics", SUM_ROUTE):
-        return await handler(request)
-    t0 = time.monotonic()
-    m = request.app[METRICS]
-    status = 500
-    try:
-        resp = await handler(request)
-        status = resp.status
-        return resp
-    except web.HTTPException as e:
-        status = e.status
-        raise
-    except asyncio.CancelledError:
-        status = 499  # the client left
-        raise
-    finally:
-        m.requests.labels(route, str(status)).inc()
-        if request.app[AUTH].keys is not None and (client := request.get(CLIENT)) is not None:
-            m.client_requests.labels(client.name, str(status)).inc()
-        m.latency.labels(route).observe(time.monotonic() - t0)

@@ -27,10 +27,10 @@ import orjson
 from aiohttp import web
 
 from vqa_async.core.service import Outcome
+from vqa_async.http.app_keys import SERVICE, SETTINGS
 from vqa_async.http.context import REQUEST_ID, TRACEPARENT
 from vqa_async.http.errors import ApiError, json_response, refuse
 from vqa_async.http.handlers import ask
-from vqa_async.http.keys import SERVICE, SETTINGS
 from vqa_async.http.media_fetch import fetch_image
 from vqa_async.http.parse import (
     VqaInput,

@@ -2,27 +2,74 @@
 the browser, posts it to /v1/vqa and shows the answer in place (a further question about the same picture names it
 by the answer's `image_id` instead of sending it again); without, the form posts the original here and the
 same template renders the answer. The page has no inline script or style (templates/page.css), as the
-Content-Security-Policy requires (security.py); a form post from another site is refused."""
+Content-Security-Policy requires (security.py); a form post from another site is refused.
+
+On a model whose directory says what it can answer (`examples/examples.json`: the shipped demo model's, written
+by tools/demo_examples.py) the page says so and offers its example pictures, one click each; on any other model
+it shows neither."""
 
 from __future__ import annotations
 
+import base64
+import functools
+import json
+import logging
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import aiohttp_jinja2
 from aiohttp import web
 
+from vqa_async.http.app_keys import AUTH, SERVICE, SETTINGS
 from vqa_async.http.auth import form_client
 from vqa_async.http.errors import ApiError
 from vqa_async.http.handlers import ask, image_header
-from vqa_async.http.keys import AUTH, SERVICE, SETTINGS
 from vqa_async.http.parse import read_vqa_input
 from vqa_async.http.security import refuse_cross_site
 
 # The page's template and its static files: templates/ at the repository's top level, in the wheel as the package
 # vqa_async.templates (pyproject.toml maps it).
 TEMPLATES = Path(str(resources.files("vqa_async.templates")))
+EXAMPLES = Path("examples") / "examples.json"  # in a model directory
+
+log = logging.getLogger(__name__)
+
 STATIC_TYPES = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
+
+
+@dataclass(frozen=True)
+class Example:
+    file: str
+    question: str
+    src: str  # a data: URL: the Content-Security-Policy allows data: images, and no route is needed
+    alt: str
+
+
+@dataclass(frozen=True)
+class Guide:
+    """What a model can answer (easy-VQA's shapes and colours) and pictures to try."""
+
+    shapes: tuple[str, ...]
+    colours: tuple[str, ...]
+    examples: tuple[Example, ...]
+
+
+@functools.cache
+def guide(model_dir: Path) -> Guide | None:
+    """The model directory's guide, read once; None when it has none (any model but the demo)."""
+    path = model_dir / EXAMPLES
+    if not path.is_file():
+        return None
+    try:
+        facts = json.loads(path.read_text(encoding="utf-8"))
+        examples = tuple(Example(ex["file"], ex["question"], "data:image/png;base64," + base64.b64encode(
+            (path.parent / Path(ex["file"]).name).read_bytes()).decode(), ex.get("source", ex["file"]))
+            for ex in facts["examples"])
+        return Guide(tuple(facts["shapes"]), tuple(facts["colours"]), examples)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a broken guide costs the page its examples only
+        log.warning("the page shows no examples: %s is unreadable: %s", path, e)
+        return None
 
 
 def _context(request: web.Request, **extra: object) -> dict[str, object]:
@@ -32,7 +79,8 @@ def _context(request: web.Request, **extra: object) -> dict[str, object]:
     image_res = service.loaded.image_res if service.loaded is not None else 0
     return {"model": service.model_name, "max_body_mb": s.max_body_mb, "image_res": image_res,
             "max_question_chars": s.max_question_chars,
-            "keys_required": request.app[AUTH].keys is not None, **extra}
+            "keys_required": request.app[AUTH].keys is not None,
+            "guide": guide(service.loaded.model_dir) if service.loaded is not None else None, **extra}
 
 
 async def script(request: web.Request) -> web.FileResponse:

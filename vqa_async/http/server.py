@@ -20,8 +20,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from vqa_async.config import Settings
+from vqa_async.http.app_keys import SERVICE
 from vqa_async.http.errors import error_body
-from vqa_async.http.keys import SERVICE
 from vqa_async.http.tls_profile import server_context
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Typed application keys, in one place."""
+"""Typed aiohttp application keys (the app's shared state), in one place. API keys are http/auth.py's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from aiohttp import web
 from vqa_async.config import Settings
 from vqa_async.core.service import VqaService
 from vqa_async.http.accesslog import AccessLog
-from vqa_async.http.auth import AUTH as AUTH  # defined beside Auth, which its middleware reads
+from vqa_async.http.auth import AUTH as AUTH  # defined beside Auth: auth.py reads it, and this module imports auth.py
 from vqa_async.http.quota import InflightLimit
 from vqa_async.metrics import Metrics
 
