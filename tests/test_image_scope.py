@@ -22,7 +22,7 @@ from cluster_support import start_cluster, stop_cluster
 from vqa_async.app import init_app
 from vqa_async.config import Settings
 from vqa_async.core.image_ids import SECRET_ENV, image_id, scope_of
-from vqa_async.http.keys import METRICS
+from vqa_async.http.app_keys import METRICS
 
 ClientMaker = Callable[..., Awaitable[TestClient[Any, Any]]]
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-fedcba9876543210"
