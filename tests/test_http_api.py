@@ -421,10 +421,10 @@ async def test_admission_counts_uploads_still_being_decoded(make_client: ClientM
     gate, started = threading.Event(), []
     real_prepare = service._prepare
 
-    def slow_prepare(image: bytes, questions: list[str]) -> Any:
+    def slow_prepare(image: bytes, questions: list[str], scope: bytes) -> Any:
         started.append(1)
         gate.wait(30)
-        return real_prepare(image, questions)
+        return real_prepare(image, questions, scope)
 
     service._prepare = slow_prepare  # type: ignore[method-assign]
     img = png(easy_vqa_images[0])
@@ -455,9 +455,9 @@ async def test_small_uploads_are_decoded_on_the_loop_and_large_ones_in_the_pool(
     threads: list[str] = []
     real_prepare = service._prepare
 
-    def spy(image: bytes, questions: list[str]) -> Any:
+    def spy(image: bytes, questions: list[str], scope: bytes) -> Any:
         threads.append(threading.current_thread().name)
-        return real_prepare(image, questions)
+        return real_prepare(image, questions, scope)
 
     service._prepare = spy  # type: ignore[method-assign]
     small = png(easy_vqa_images[0])
