@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import ssl
 import statistics
-import subprocess
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +28,9 @@ from typing import Any
 import aiohttp
 import orjson
 import uvloop
+
+from vqa_async.testing.http import BOUNDARY, Form, multipart  # noqa: F401 - the one builder, re-exported
+from vqa_async.testing.launch import wait_ready  # noqa: F401 - the one readiness wait, re-exported
 
 
 @dataclass
@@ -69,36 +69,7 @@ def easy_vqa_requests(n: int) -> list[tuple[bytes, str]]:
     return out
 
 
-@dataclass(frozen=True)
-class Form:
-    """One request, encoded: a multipart/form-data body and its Content-Type, and the questions it asks (a
-    follow-up by image_id is built from them)."""
-
-    body: bytes
-    content_type: str
-    questions: tuple[str, ...] = ()
-
-
 Job = tuple[Form, ...]  # what one client sends in a row
-
-BOUNDARY = "vqa-bench-boundary-7d1f0c"
-
-
-def multipart(image: bytes | None, questions: Sequence[str], filename: str = "image.png",
-              content_type: str = "image/png", fields: Sequence[tuple[str, str]] = ()) -> Form:
-    """A multipart/form-data body as browsers and aiohttp's FormData write it: the `image` part (if any), then one
-    `question` part per question, then any other text fields. Built by hand, in microseconds, so that a run
-    that lasts a time can stamp and encode each request as it sends it."""
-    parts: list[bytes] = []
-    b = BOUNDARY.encode()
-    if image is not None:
-        parts += [b"--" + b + b'\r\nContent-Disposition: form-data; name="image"; filename="' + filename.encode()
-                  + b'"\r\nContent-Type: ' + content_type.encode() + b"\r\n\r\n", image, b"\r\n"]
-    for name, value in [("question", q) for q in questions] + list(fields):
-        parts += [b"--" + b + b'\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n',
-                  value.encode(), b"\r\n"]
-    parts.append(b"--" + b + b"--\r\n")
-    return Form(b"".join(parts), f"multipart/form-data; boundary={BOUNDARY}", tuple(questions))
 
 
 def encode_forms(pairs: list[tuple[bytes, str]]) -> list[Form]:
@@ -213,21 +184,6 @@ async def run_load(url: str, requests: Iterable[Any], concurrency: int, timeout_
 def percentile(sorted_ms: list[float], p: float) -> float:
     """The p-th percentile (nearest rank below) of an ascending list, rounded to 0.1."""
     return round(sorted_ms[min(len(sorted_ms) - 1, int(p / 100 * len(sorted_ms)))], 1)
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600,
-               ssl_context: ssl.SSLContext | None = None) -> None:
-    """Polls `url`/readyz until it answers 200; raises if `proc` exits first or `timeout` passes."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=2,
-                                                                  context=ssl_context) as r:
-            if r.status == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready within {timeout:.0f} s")
 
 
 def summarize(results: list[Result], wall_s: float, window: tuple[float, float] | None = None) -> dict[str, Any]:

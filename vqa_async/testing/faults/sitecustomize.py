@@ -6,6 +6,9 @@ settings as VQA_* variables; read at each call, so that a warm spare told its po
 every model call fail, hang forever, or take that long. The file is read
 at each call, so a test can make a worker sick and well again while it runs. Each faulted call first appends
 its port to `<VQA_TEST_FAULT_FILE>.calls`, so that a test can wait until a call is in progress.
+
+VQA_TEST_LEAK_BYTES=N (with or without a fault file): every upload the worker decodes keeps N bytes alive for
+good, a memory leak of N bytes per upload that the memory test must catch.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from types import ModuleType
 from typing import Any
 
 FAULT_FILE = os.environ.get("VQA_TEST_FAULT_FILE")
+LEAK_BYTES = int(os.environ.get("VQA_TEST_LEAK_BYTES") or 0)
 TARGET = "vqa_async.model.answer"
+LEAK_TARGET = "vqa_async.model.preprocess"
+_LEAKED: list[bytes] = []
 
 
 def _port() -> str | None:
@@ -57,9 +63,23 @@ def _patch(module: ModuleType) -> None:
     cls.answer_embedded = answer_embedded
 
 
+def _leak(module: ModuleType) -> None:
+    cls = module.UploadPixels
+    real = cls.decode
+
+    def decode(self: Any, data: bytes) -> Any:
+        _LEAKED.append(b"\x01" * LEAK_BYTES)  # written, so resident (not calloc's untouched zero pages)
+        return real(self, data)
+
+    cls.decode = decode
+
+
+PATCHES = {**({TARGET: _patch} if FAULT_FILE else {}), **({LEAK_TARGET: _leak} if LEAK_BYTES else {})}
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != TARGET:
+        if name not in PATCHES:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -69,11 +89,11 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: ModuleType) -> None:
             real_exec(module)
-            _patch(module)
+            PATCHES[name](module)
 
         loader.exec_module = exec_module
         return spec
 
 
-if FAULT_FILE:
+if PATCHES:
     sys.meta_path.insert(0, _PatchOnImport())
