@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import signal
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 from cluster_support import RunningCluster, start_cluster, stop_cluster
 
-from bench.lib.loadgen import easy_vqa_requests, run_load
+from bench.lib.loadgen import Result, easy_vqa_requests, run_load
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.cluster.supervisor import free_port
 from vqa_async.model.architecture import WEIGHTS_NAME
 from vqa_async.model.memory import file_pss
+from vqa_async.testing.launch import cli
+from vqa_async.testing.overlap import Progress, fire_when, in_flight
 
 pytestmark = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 
@@ -53,23 +55,35 @@ def test_answers_through_the_front_are_right_and_spread(cluster: RunningCluster,
         assert b"haproxy_backend" in r.read()
 
 
-def test_sigkill_a_worker_under_load_loses_nothing(cluster: RunningCluster) -> None:
+LOAD = 300  # requests per fault test, from 50 closed-loop clients
+
+
+@pytest.fixture(scope="module")
+def expected(cluster: RunningCluster) -> list[str | None]:
+    """The answers to easy_vqa_requests(LOAD), one by one from worker w0 directly (no fault anywhere)."""
+    w0 = cluster.state()["workers"][0]["port"]
+    return [r.answer for r in asyncio.run(run_load(f"http://127.0.0.1:{w0}/v1/vqa", easy_vqa_requests(LOAD),
+                                                   concurrency=1))]
+
+
+def test_kill_a_worker_under_load_loses_nothing(cluster: RunningCluster, expected: list[str | None]) -> None:
     victim = cluster.state()["workers"][1]
     downs_before = int(cluster.server_status("chkdown")["w1"])
-    pairs = easy_vqa_requests(300)
+    retried_before = cluster.retried()
+    progress = Progress(easy_vqa_requests(LOAD), concurrency=50)
 
-    async def scenario() -> tuple[list, float]:  # type: ignore[type-arg]
-        load = asyncio.create_task(run_load(cluster.url + "/v1/vqa", pairs, concurrency=50))
-        await asyncio.sleep(1.0)
-        os.kill(victim["pid"], signal.SIGKILL)
-        killed_at = time.monotonic()
-        results = await load
-        return results, killed_at
+    async def scenario() -> tuple[list[Result], float]:
+        load = asyncio.create_task(run_load(cluster.url + "/v1/vqa", progress, concurrency=50))
+        # SIGKILL once 100 are answered: about a third in, with 50 in flight (half of them on the victim).
+        at = await fire_when(lambda: progress.answered() >= 100, lambda: os.kill(victim["pid"], signal.SIGKILL))
+        return await load, at
 
     results, killed_at = asyncio.run(scenario())
-    failures = [r for r in results if r.status != 200]
-    assert not failures, failures[:3]
-    assert len(results) == 300
+    assert in_flight(results, killed_at) >= 1, "the kill came after the load"
+    assert [r for r in results if r.status != 200] == []
+    assert Counter(r.answer for r in results) == Counter(expected)
+    # What the dead worker held was answered because HAProxy sent it again (retry-on empty-response, redispatch).
+    assert cluster.retried() > retried_before
     # Restarted and back in rotation: a new process, taken out of rotation by HAProxy (its UP->DOWN count went
     # up), ready, and UP again. A warm spare makes it about 2 s (the chaos bench measures it); 60 s here, so that
     # a busy box without a spare ready (a cold start, whose imports take much longer beside two busy workers)
@@ -81,25 +95,32 @@ def test_sigkill_a_worker_under_load_loses_nothing(cluster: RunningCluster) -> N
             break
         time.sleep(0.1)
     back_after = time.monotonic() - killed_at
-    print(f"\nworker w1 back in rotation {back_after:.1f}s after SIGKILL; 0 of 300 requests failed")
+    print(f"\nworker w1 back in rotation {back_after:.1f}s after SIGKILL; 0 of {LOAD} requests failed")
     assert back_after <= 60.0
 
 
-def test_rolling_reload_under_load_loses_nothing(cluster: RunningCluster) -> None:
+def test_rolling_reload_under_load_loses_nothing(cluster: RunningCluster, expected: list[str | None]) -> None:
     before = [w["pid"] for w in cluster.state()["workers"]]
-    pairs = easy_vqa_requests(300)
+    pairs = easy_vqa_requests(LOAD)
+    progress = Progress(itertools.cycle(pairs), concurrency=50)  # until the reload is over
 
-    async def scenario() -> list:  # type: ignore[type-arg]
-        load = asyncio.create_task(run_load(cluster.url + "/v1/vqa", pairs, concurrency=50))
-        await asyncio.sleep(0.5)
-        reload = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "vqa_async.cli", "cluster", "reload", "--port", str(cluster.port),
-            "--runtime-dir", str(cluster.runtime_dir))
-        assert await reload.wait() == 0
-        return await load
+    async def reload() -> None:
+        proc = await asyncio.create_subprocess_exec(*cli(), "cluster", "reload", "--port", str(cluster.port),
+                                                    "--runtime-dir", str(cluster.runtime_dir))
+        assert await proc.wait() == 0
 
-    results = asyncio.run(scenario())
+    async def scenario() -> tuple[list[Result], float, float]:
+        load = asyncio.create_task(run_load(cluster.url + "/v1/vqa", progress, concurrency=50))
+        began = await fire_when(lambda: progress.answered() >= 50, reload)
+        ended = time.monotonic()
+        progress.stop()
+        return await load, began, ended
+
+    results, began, ended = asyncio.run(scenario())
+    # The load spanned the whole reload: requests in flight as it began and as it ended.
+    assert in_flight(results, began) >= 1 and in_flight(results, ended) >= 1, (began, ended)
     assert [r for r in results if r.status != 200] == []
+    assert Counter(r.answer for r in results) == Counter(expected[i % LOAD] for i in range(progress.taken))
     end = time.monotonic() + 120
     while time.monotonic() < end:
         after = [w["pid"] for w in cluster.state()["workers"]]

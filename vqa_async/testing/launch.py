@@ -279,6 +279,11 @@ class Cluster(Launched):
             return bool(status) and all(s.startswith("UP") for s in status.values())
         return False
 
+    def retried(self) -> int:
+        """The retries and redispatches HAProxy counted over the workers so far (`show stat`'s wretr + wredis)."""
+        return sum(int(a or 0) + int(b or 0) for a, b in zip(self.server_status("wretr").values(),
+                                                             self.server_status("wredis").values()))
+
     def haproxy_counter(self, name: str) -> float:
         """A counter summed over its series on HAProxy's exporter (the stats port's /metrics), e.g.
         'haproxy_backend_retry_warnings_total' or 'haproxy_backend_redispatch_warnings_total'."""
