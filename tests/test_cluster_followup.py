@@ -165,23 +165,31 @@ def test_a_follow_up_whose_worker_died_is_answered_elsewhere(cluster: RunningClu
 
 
 def test_the_python_client_asks_follow_ups_by_id_on_the_worker_that_holds_the_image(
-        cluster: RunningCluster, easy_vqa_images: list[Path]) -> None:
+        cluster: RunningCluster) -> None:
     """vqa_async.client through the cluster's front: ask_many over new images (prepared ahead), then the same
-    images again: sent by image_id (nothing uploaded), answered by the worker that holds each (no cache miss)."""
+    images again: sent by image_id (nothing uploaded), answered by the worker that holds each (no cache miss).
+    Eight images no other test here sends (the session's easy_vqa_images are the first eight): with both workers
+    holding some, a follow-up balanced without the stick table finds the other worker's cache empty."""
+    import easy_vqa
+
     from vqa_async.client import Client, VqaError
 
     until_both_workers_are_up(cluster)
-    paths = easy_vqa_images[10:18]
+    known = easy_vqa.get_test_image_paths()
+    paths = [Path(known[i]) for i in sorted(known)[10:18]]
+    assert len(paths) == 8
     hits0, misses0 = cache_counts(cluster.url)
     with Client(cluster.url, concurrency=8) as vqa:
         first = dict(vqa.ask_many((p, QUESTIONS[0]) for p in paths))
         assert sorted(first) == list(range(len(paths)))
         assert not any(isinstance(a, VqaError) for a in first.values()), first
         again = dict(vqa.ask_many((p, QUESTIONS[1]) for p in paths))
+    assert sorted(again) == list(range(len(paths)))
     for i, a in again.items():
         assert not isinstance(a, VqaError), a
         before = first[i]
         assert not isinstance(before, VqaError)
+        assert len(a.answers) == 1 and a.answers[0] and before.answers[0]  # real questions, real answers
         assert a.upload_bytes == 0 and a.image_id == before.image_id  # a follow-up by id
     hits, misses = cache_counts(cluster.url)
     assert misses - misses0 == len(paths)  # one vision pass per image: every follow-up found its worker

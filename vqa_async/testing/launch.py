@@ -61,13 +61,16 @@ class Faults:
     leak_bytes: int = 0
 
     def env(self) -> dict[str, str]:
+        """The environment of a process that injects them (the file is created if missing)."""
+        if not self.file.exists():
+            self.set({})
         path = os.pathsep.join(p for p in (str(FAULTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
-        out = {"PYTHONPATH": path, "VQA_TEST_FAULT_FILE": str(self.file)}
-        return {**out, "VQA_TEST_LEAK_BYTES": str(self.leak_bytes)} if self.leak_bytes else out
+        return {"PYTHONPATH": path, "VQA_TEST_FAULT_FILE": str(self.file)}
 
     def set(self, faults: dict[int, str]) -> None:
         tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({str(port): fault for port, fault in faults.items()}))
+        leak = {"leak_bytes": self.leak_bytes} if self.leak_bytes else {}
+        tmp.write_text(json.dumps({**{str(port): fault for port, fault in faults.items()}, **leak}))
         tmp.replace(self.file)
 
     def calls(self) -> list[int]:

@@ -4,8 +4,9 @@ injector says a request is inside the model), note the instant, and count the re
     t = await fire_when(lambda: answered() >= 100, lambda: os.kill(pid, signal.SIGKILL))
     assert in_flight(results, t) >= 1
 
-VQA_TEST_LATE_FAULT_S=<s> delays every fault that long after its condition: run a fault test with it set past
-the load's end to see the test fail (a fault that lands after the load proves nothing).
+TESTS_LATE_FAULT_S=<s> delays every fault that long after its condition: run a fault test with it set past
+the load's end to see the test fail (a fault that lands after the load proves nothing). Not a VQA_* name: the
+servers the tests start inherit the environment and refuse VQA_* names they do not know.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ async def fire_when(condition: Callable[[], bool], fault: Callable[[], Any], tim
     """Waits for `condition`, then calls `fault` (awaiting it if it returns an awaitable); returns the
     time.monotonic() just before the fault fired."""
     await wait_for(condition, timeout)
-    late = float(os.environ.get("VQA_TEST_LATE_FAULT_S") or 0)
+    late = float(os.environ.get("TESTS_LATE_FAULT_S") or 0)
     if late:
         await asyncio.sleep(late)
     at = time.monotonic()

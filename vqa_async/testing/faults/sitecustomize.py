@@ -7,7 +7,7 @@ every model call fail, hang forever, or take that long. The file is read
 at each call, so a test can make a worker sick and well again while it runs. Each faulted call first appends
 its port to `<VQA_TEST_FAULT_FILE>.calls`, so that a test can wait until a call is in progress.
 
-VQA_TEST_LEAK_BYTES=N (with or without a fault file): every upload the worker decodes keeps N bytes alive for
+A key "leak_bytes": N in the file (read once, at start): every upload the worker decodes keeps N bytes alive for
 good, a memory leak of N bytes per upload that the memory test must catch.
 """
 
@@ -23,7 +23,16 @@ from types import ModuleType
 from typing import Any
 
 FAULT_FILE = os.environ.get("VQA_TEST_FAULT_FILE")
-LEAK_BYTES = int(os.environ.get("VQA_TEST_LEAK_BYTES") or 0)
+
+def _leak_bytes() -> int:
+    try:
+        with open(str(FAULT_FILE), encoding="utf-8") as f:
+            return int(json.load(f).get("leak_bytes", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+LEAK_BYTES = _leak_bytes() if FAULT_FILE else 0
 TARGET = "vqa_async.model.answer"
 LEAK_TARGET = "vqa_async.model.preprocess"
 _LEAKED: list[bytes] = []
@@ -37,7 +46,8 @@ def _port() -> str | None:
 def _fault() -> str | None:
     try:
         with open(str(FAULT_FILE), encoding="utf-8") as f:
-            return json.load(f).get(_port())
+            fault = json.load(f).get(_port())
+            return fault if isinstance(fault, str) else None
     except (OSError, ValueError):
         return None
 
