@@ -9,46 +9,57 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from bench.lib.loadgen import wait_ready
-from vqa_async.cluster.supervisor import free_port
+from vqa_async.testing.http import multipart
+from vqa_async.testing.launch import Faults, Launched, start_serve
+from vqa_async.testing.overlap import fire_when, in_flight
 
 
-def test_sigterm_answers_everything_queued_then_exits_0(demo_dir: Path, easy_vqa_images: list[Path]) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, VQA_MAX_BATCH_SIZE="1")  # settings from the environment, one question per model call
-    proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "serve", "--model", str(demo_dir), "--port",
-                             str(port)], env=env)
+@dataclass
+class Span:
+    started: float
+    done: float = 0.0
+    status: int = 0
+
+
+def test_graceful_stop_sigterm_answers_everything_in_flight_then_exits_0(demo_dir: Path, tmp_path: Path,
+                                                                         easy_vqa_images: list[Path]) -> None:
+    # Settings from the environment: one question per model call; each call takes 0.2 s more (the fault file),
+    # so that 12 requests take 2.4 s and SIGTERM provably lands while they are in the server.
+    faults = Faults(tmp_path / "faults.json")
+    srv = start_serve(demo_dir, env={"VQA_MAX_BATCH_SIZE": "1"}, faults=faults, access_log=None)
+    faults.set({srv.port: "slow:0.2"})
+    img = easy_vqa_images[0].read_bytes()
+    spans: list[Span] = []
+
+    async def scenario() -> float:
+        async with aiohttp.ClientSession() as s:
+            async def one(i: int) -> None:
+                span = Span(time.monotonic())
+                spans.append(span)
+                form = multipart(img, [f"what color is the shape? {i}"])
+                async with s.post(srv.url + "/v1/vqa", data=form.body,
+                                  headers={"Content-Type": form.content_type}) as r:
+                    await r.read()
+                    span.status, span.done = r.status, time.monotonic()
+
+            tasks = [asyncio.create_task(one(i)) for i in range(12)]
+            # SIGTERM once the first request is inside the model (the injector has counted its call).
+            at = await fire_when(lambda: len(faults.calls()) >= 1, lambda: srv.proc.send_signal(signal.SIGTERM))
+            await asyncio.gather(*tasks)
+            return at
+
     try:
-        wait_ready(url, proc)
-        img = easy_vqa_images[0].read_bytes()
-
-        async def scenario() -> list[int]:
-            async with aiohttp.ClientSession() as s:
-                async def one(i: int) -> int:
-                    form = aiohttp.FormData()
-                    form.add_field("image", img, filename="a.png", content_type="image/png")
-                    form.add_field("question", f"what color is the shape? {i}")
-                    async with s.post(url + "/v1/vqa", data=form) as r:
-                        await r.read()
-                        return r.status
-
-                tasks = [asyncio.create_task(one(i)) for i in range(12)]
-                await asyncio.sleep(0.3)  # all sent, most still queued behind the one model thread
-                proc.send_signal(signal.SIGTERM)
-                return list(await asyncio.gather(*tasks))
-
-        statuses = asyncio.run(scenario())
-        assert statuses == [200] * 12
-        assert proc.wait(timeout=60) == 0
+        at = asyncio.run(scenario())
+        assert in_flight(spans, at) >= 1, "SIGTERM came after the load"
+        assert [s.status for s in spans] == [200] * 12
+        assert srv.proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        srv.stop()
 
 
 def test_log_level_is_case_blind_and_a_bad_one_is_a_clean_error() -> None:
@@ -63,23 +74,13 @@ def test_log_level_is_case_blind_and_a_bad_one_is_a_clean_error() -> None:
     assert bad.returncode == 2 and "invalid log level" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def _serve(demo_dir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "serve", "--model", str(demo_dir), "--port",
-                             str(port), *extra])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, url
+def _serve(demo_dir: Path, *extra: str) -> tuple[Launched, str]:
+    srv = start_serve(demo_dir, *extra, access_log=None)
+    return srv, srv.url
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+def _stop(srv: Launched) -> None:
+    srv.stop(sig=signal.SIGKILL)
 
 
 def test_a_body_of_many_tiny_parts_is_refused_fast_and_health_checks_keep_answering(demo_dir: Path) -> None:
@@ -157,7 +158,7 @@ def test_drain_takes_it_out_of_rotation_before_the_socket_closes(demo_dir: Path,
     try:
         async def scenario() -> tuple[int, int, str]:
             async with aiohttp.ClientSession() as s:
-                proc.send_signal(signal.SIGTERM)
+                proc.proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.5)
                 async with s.get(url + "/readyz") as r:
                     ready = r.status
@@ -169,6 +170,6 @@ def test_drain_takes_it_out_of_rotation_before_the_socket_closes(demo_dir: Path,
 
         ready, status, code = asyncio.run(scenario())
         assert (ready, status, code) == (503, 503, "not_ready")
-        assert proc.wait(timeout=60) == 0
+        assert proc.proc.wait(timeout=60) == 0
     finally:
         _stop(proc)
