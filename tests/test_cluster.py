@@ -75,7 +75,8 @@ def test_kill_a_worker_under_load_loses_nothing(cluster: RunningCluster, expecte
     async def scenario() -> tuple[list[Result], float]:
         load = asyncio.create_task(run_load(cluster.url + "/v1/vqa", progress, concurrency=50))
         # SIGKILL once 100 are answered: about a third in, with 50 in flight (half of them on the victim).
-        at = await fire_when(lambda: progress.answered() >= 100, lambda: os.kill(victim["pid"], signal.SIGKILL))
+        at = await fire_when(lambda: progress.answered() >= 100, lambda: os.kill(victim["pid"], signal.SIGKILL),
+                             load=load)
         return await load, at
 
     results, killed_at = asyncio.run(scenario())
@@ -111,7 +112,7 @@ def test_rolling_reload_under_load_loses_nothing(cluster: RunningCluster, expect
 
     async def scenario() -> tuple[list[Result], float, float]:
         load = asyncio.create_task(run_load(cluster.url + "/v1/vqa", progress, concurrency=50))
-        began = await fire_when(lambda: progress.answered() >= 50, reload)
+        began = await fire_when(lambda: progress.answered() >= 50, reload, load=load, stop=progress.stop)
         ended = time.monotonic()
         progress.stop()
         return await load, began, ended
@@ -119,6 +120,8 @@ def test_rolling_reload_under_load_loses_nothing(cluster: RunningCluster, expect
     results, began, ended = asyncio.run(scenario())
     # The load spanned the whole reload: requests in flight as it began and as it ended.
     assert in_flight(results, began) >= 1 and in_flight(results, ended) >= 1, (began, ended)
+    print(f"\n{len(results)} requests over the reload, {in_flight(results, began)} in flight as it began, "
+          f"{in_flight(results, ended)} as it ended")
     assert [r for r in results if r.status != 200] == []
     assert Counter(r.answer for r in results) == Counter(expected[i % LOAD] for i in range(progress.taken))
     end = time.monotonic() + 120

@@ -47,10 +47,11 @@ def test_graceful_stop_sigterm_answers_everything_in_flight_then_exits_0(demo_di
                     await r.read()
                     span.status, span.done = r.status, time.monotonic()
 
-            tasks = [asyncio.create_task(one(i)) for i in range(12)]
+            load = asyncio.gather(*[one(i) for i in range(12)])
             # SIGTERM once the first request is inside the model (the injector has counted its call).
-            at = await fire_when(lambda: len(faults.calls()) >= 1, lambda: srv.proc.send_signal(signal.SIGTERM))
-            await asyncio.gather(*tasks)
+            at = await fire_when(lambda: len(faults.calls()) >= 1, lambda: srv.proc.send_signal(signal.SIGTERM),
+                                 load=load)
+            await load
             return at
 
     try:

@@ -39,13 +39,16 @@ async def wait_for(condition: Callable[[], bool], timeout: float, every: float =
         await asyncio.sleep(every)
 
 
-async def fire_when(condition: Callable[[], bool], fault: Callable[[], Any], timeout: float = 120) -> float:
+async def fire_when(condition: Callable[[], bool], fault: Callable[[], Any], timeout: float = 120,
+                    load: asyncio.Future[Any] | None = None, stop: Callable[[], None] | None = None) -> float:
     """Waits for `condition`, then calls `fault` (awaiting it if it returns an awaitable); returns the
-    time.monotonic() just before the fault fired."""
+    time.monotonic() just before the fault fired. `load` and `stop`: the load's task and how to end it early, for
+    TESTS_FAULT_AFTER_LOAD=1."""
     await wait_for(condition, timeout)
-    late = float(os.environ.get("TESTS_LATE_FAULT_S") or 0)
-    if late:
-        await asyncio.sleep(late)
+    if os.environ.get("TESTS_FAULT_AFTER_LOAD") == "1" and load is not None:
+        if stop is not None:
+            stop()
+        await asyncio.wait([load])
     at = time.monotonic()
     out = fault()
     if asyncio.iscoroutine(out) or isinstance(out, asyncio.Future):
