@@ -31,6 +31,32 @@ def start_cluster(tmp_path: Path, demo_dir: Path, *extra: str, workers: int = 2,
                                 timeout=240)
 
 
+def reference_answers(cl: RunningCluster, n: int) -> list[str]:
+    """The answers to easy_vqa_requests(n), in order, from the cluster's first worker directly (8 at a time:
+    answers do not depend on the batch): what the answers through the front must equal."""
+    import asyncio
+
+    import aiohttp
+
+    from bench.lib.loadgen import easy_vqa_requests
+    from vqa_async.testing.http import multipart
+
+    url = f"http://127.0.0.1:{cl.state()['workers'][0]['port']}/v1/vqa"
+
+    async def ask_all() -> list[str]:
+        gate = asyncio.Semaphore(8)
+        async with aiohttp.ClientSession() as s:
+            async def one(image: bytes, question: str) -> str:
+                form = multipart(image, [question])
+                async with gate, s.post(url, data=form.body, headers={"Content-Type": form.content_type}) as r:
+                    assert r.status == 200, await r.text()
+                    return str((await r.json())["answer"])
+
+            return list(await asyncio.gather(*(one(i, q) for i, q in easy_vqa_requests(n))))
+
+    return asyncio.run(ask_all())
+
+
 def faulty_env(fault_file: Path) -> dict[str, str]:
     """Workers that read `fault_file` (see vqa_async/testing/faults/sitecustomize.py) at each model call."""
     return Faults(fault_file).env()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_support import RunningCluster, start_cluster, stop_cluster
+from cluster_support import RunningCluster, reference_answers, start_cluster, stop_cluster
 
 from bench.lib.loadgen import Result, easy_vqa_requests, run_load
 from vqa_async.cluster.haproxy import find_haproxy
@@ -59,14 +59,12 @@ LOAD = 300  # requests per fault test, from 50 closed-loop clients
 
 
 @pytest.fixture(scope="module")
-def expected(cluster: RunningCluster) -> list[str | None]:
-    """The answers to easy_vqa_requests(LOAD), one by one from worker w0 directly (no fault anywhere)."""
-    w0 = cluster.state()["workers"][0]["port"]
-    return [r.answer for r in asyncio.run(run_load(f"http://127.0.0.1:{w0}/v1/vqa", easy_vqa_requests(LOAD),
-                                                   concurrency=1))]
+def expected(cluster: RunningCluster) -> list[str]:
+    """The answers to easy_vqa_requests(LOAD), from worker w0 directly before any fault."""
+    return reference_answers(cluster, LOAD)
 
 
-def test_kill_a_worker_under_load_loses_nothing(cluster: RunningCluster, expected: list[str | None]) -> None:
+def test_kill_a_worker_under_load_loses_nothing(cluster: RunningCluster, expected: list[str]) -> None:
     victim = cluster.state()["workers"][1]
     downs_before = int(cluster.server_status("chkdown")["w1"])
     retried_before = cluster.retried()
@@ -100,7 +98,7 @@ def test_kill_a_worker_under_load_loses_nothing(cluster: RunningCluster, expecte
     assert back_after <= 60.0
 
 
-def test_rolling_reload_under_load_loses_nothing(cluster: RunningCluster, expected: list[str | None]) -> None:
+def test_rolling_reload_under_load_loses_nothing(cluster: RunningCluster, expected: list[str]) -> None:
     before = [w["pid"] for w in cluster.state()["workers"]]
     pairs = easy_vqa_requests(LOAD)
     progress = Progress(itertools.cycle(pairs), concurrency=50)  # until the reload is over

@@ -1,11 +1,12 @@
 """Faults beyond a clean kill, through a real cluster (HAProxy + workers on the demo model): a graceful stop, a
 SIGKILLed supervisor, a reload onto a broken model under load, a worker that crashes during a reload, a sick
-worker and a hung model thread (injected by tests/faults/sitecustomize.py, never in the serving path)."""
+worker and a hung model thread (injected by vqa_async/testing/faults/sitecustomize.py, never in the serving path)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import os
 import shutil
 import signal
@@ -20,20 +21,22 @@ import orjson
 import pytest
 from cluster_support import (
     RunningCluster,
-    cluster_command,
     cluster_pids,
     faulty_env,
     gone,
+    reference_answers,
     set_faults,
     start_cluster,
     stop_cluster,
-    wait_until_serving,
 )
 
-from bench.lib.loadgen import easy_vqa_requests, run_load
+from bench.lib.loadgen import Result, easy_vqa_requests, run_load
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.config import Settings
 from vqa_async.model.architecture import WEIGHTS_NAME
+from vqa_async.testing import launch
+from vqa_async.testing.launch import Faults
+from vqa_async.testing.overlap import Progress, fire_when, in_flight
 
 pytestmark = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 
@@ -58,9 +61,7 @@ def test_a_sigkilled_supervisor_takes_its_children_along(tmp_path: Path, demo_di
         time.sleep(0.1)
     assert [p for p in pids if not gone(p)] == []
     # The port and the runtime directory are free for a new cluster at once.
-    again = subprocess.Popen(cluster_command(cl.port, cl.runtime_dir, demo_dir, "--workers", "1"))
-    new = wait_until_serving(RunningCluster(again, cl.port, cl.runtime_dir))
-    stop_cluster(new)
+    stop_cluster(launch.start_cluster(demo_dir, workers=1, port=cl.port, runtime_dir=cl.runtime_dir, home=tmp_path))
 
 
 # -- one cluster for the faults below, with the fault injector in its workers -------------------------------------
@@ -87,24 +88,43 @@ def worker_model(port: int) -> str:
         return str(orjson.loads(r.read())["model"])
 
 
-def test_a_reload_onto_a_broken_model_rolls_back_and_loses_nothing(cluster: RunningCluster, tmp_path: Path,
-                                                                   demo_dir: Path) -> None:
+LOAD = 300
+
+
+@pytest.fixture(scope="module")
+def expected(cluster: RunningCluster) -> list[str]:
+    return reference_answers(cluster, LOAD)
+
+
+def test_a_broken_reload_rolls_back_and_loses_nothing_under_load(cluster: RunningCluster, tmp_path: Path,
+                                                                 demo_dir: Path, expected: list[str]) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(demo_dir, broken)
     (broken / WEIGHTS_NAME).write_bytes(b"not safetensors")
     state_before = cluster.state()
     models_before = {w["port"]: worker_model(w["port"]) for w in state_before["workers"]}
 
-    async def scenario() -> tuple[list, subprocess.CompletedProcess[str]]:  # type: ignore[type-arg]
-        load = asyncio.create_task(run_load(cluster.url + "/v1/vqa", easy_vqa_requests(400), concurrency=16))
-        await asyncio.sleep(0.5)
-        reload = await asyncio.to_thread(cluster.reload, "--model", str(broken))
-        return await load, reload
+    progress = Progress(itertools.cycle(easy_vqa_requests(LOAD)), concurrency=16)  # until the reload is over
+    done: list[subprocess.CompletedProcess[str]] = []
 
-    results, reload = asyncio.run(scenario())
-    assert reload.returncode == 1, reload
-    assert "w0" in reload.stderr and "back on" in reload.stderr, reload.stderr
+    async def reload() -> None:
+        done.append(await asyncio.to_thread(cluster.reload, "--model", str(broken)))
+
+    async def scenario() -> tuple[list[Result], float, float]:
+        load = asyncio.create_task(run_load(cluster.url + "/v1/vqa", progress, concurrency=16))
+        began = await fire_when(lambda: progress.answered() >= 50, reload, load=load, stop=progress.stop)
+        ended = time.monotonic()
+        progress.stop()
+        return await load, began, ended
+
+    results, began, ended = asyncio.run(scenario())
+    # The load spanned the whole reload and its rollback.
+    assert in_flight(results, began) >= 1 and in_flight(results, ended) >= 1, (began, ended)
+    reload_done = done[0]
+    assert reload_done.returncode == 1, reload_done
+    assert "w0" in reload_done.stderr and "back on" in reload_done.stderr, reload_done.stderr
     assert [r for r in results if r.status != 200] == []
+    assert Counter(r.answer for r in results) == Counter(expected[i % LOAD] for i in range(progress.taken))
     state = cluster.state()
     assert [w["model"] for w in state["workers"]] == [w["model"] for w in state_before["workers"]]
     assert state["model"] == state_before["model"]
@@ -202,23 +222,26 @@ def test_a_hung_model_thread_gets_its_worker_restarted(cluster: RunningCluster, 
         time.sleep(0.2)
 
 
-def test_sigterm_answers_everything_in_flight_then_exits_0(tmp_path: Path, demo_dir: Path) -> None:
+def test_graceful_stop_of_the_cluster_answers_everything_in_flight_then_exits_0(
+        tmp_path: Path, demo_dir: Path, expected: list[str]) -> None:
     # A cluster of its own: stopping the shared one would leave the other tests of this file (in any order)
-    # without one.
-    cl = start_cluster(tmp_path, demo_dir)
-    pids = cluster_pids(cl)
+    # without one. Every model call 0.3 s slower, so that the 120 requests are still inside when SIGTERM comes.
+    faults = Faults(tmp_path / "faults.json")
+    cl = launch.start_cluster(demo_dir, faults=faults, home=tmp_path)
+    faults.set({w["port"]: "slow:0.3" for w in cl.state()["workers"]})
 
-    async def scenario() -> list:  # type: ignore[type-arg]
+    async def scenario() -> tuple[list[Result], float]:
         load = asyncio.create_task(run_load(cl.url + "/v1/vqa", easy_vqa_requests(120), concurrency=120))
-        await asyncio.sleep(0.3)
-        cl.proc.send_signal(signal.SIGTERM)
-        return await load
+        # SIGTERM once a request is inside a worker's model (the injector counted the call).
+        at = await fire_when(lambda: len(faults.calls()) >= 1, lambda: cl.proc.send_signal(signal.SIGTERM),
+                             load=load)
+        return await load, at
 
     try:
-        results = asyncio.run(scenario())
+        results, at = asyncio.run(scenario())
+        assert in_flight(results, at) >= 1, "SIGTERM came after the load"
         assert Counter(r.status for r in results) == {200: 120}, [r.error for r in results if r.status != 200][:3]
+        assert Counter(r.answer for r in results) == Counter(expected[:120])
         assert cl.proc.wait(timeout=90) == 0
-        assert all(gone(p) for p in pids)
     finally:
-        if cl.proc.poll() is None:
-            cl.proc.kill()
+        assert cl.stop() == 0  # and nothing of it is left
