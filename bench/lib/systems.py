@@ -108,7 +108,7 @@ def command(name: str, setup: Setup, port: int, extra: list[str], runtime_dir: P
                 "--max-batch-size", str(setup.max_batch_size or 16), "--workers-per-device", str(setup.workers),
                 "--torch-threads", str(setup.threads(setup.workers)),
                 "--decode", "fast" if name == "litserve-fast" else "pillow", *model]
-    model, rest = _flags(name, setup, extra)
+    model, rest = launcher_flags(name, setup, extra)
     if name in ("serve", "serve-exact"):
         return serve_command(port, *rest, model=model, exe=_exe())
     if name == "cluster":
@@ -123,7 +123,7 @@ def _exe() -> Path | None:
     return script if script.exists() else None
 
 
-def _flags(name: str, setup: Setup, extra: list[str]) -> tuple[str | None, list[str]]:
+def launcher_flags(name: str, setup: Setup, extra: list[str]) -> tuple[str | None, list[str]]:
     """serve's and cluster's model, and their other flags."""
     batch = ["--max-batch-size", str(setup.max_batch_size)] if setup.max_batch_size else []
     threads = setup.threads(setup.workers if name == "cluster" else 1)
@@ -142,7 +142,7 @@ def start(name: str, setup: Setup, extra: list[str] | None = None, label: str | 
     setup.log_dir.mkdir(parents=True, exist_ok=True)
     log = setup.log_dir / f"{label or name}.log"
     if name in ("serve", "serve-exact", "cluster"):  # the one launcher that the tests use too
-        model, rest = _flags(name, setup, list(extra or []))
+        model, rest = launcher_flags(name, setup, list(extra or []))
         if name == "cluster":
             up: Launched = start_cluster(model, *rest, workers=setup.workers, env=setup.env(), log=log, cwd=ROOT,
                                          exe=_exe(), timeout=600, ssl_context=ssl_context)
