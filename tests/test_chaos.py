@@ -1,4 +1,6 @@
-"""`python -m bench chaos` for one minute: kills, stalls, reloads and bad reloads under load lose no request."""
+"""`python -m bench chaos` for one minute: kills, stalls, reloads and bad reloads under load lose no request.
+Memory is bounded elsewhere (tests/test_cluster_memory.py): chaos's reloads restart every worker, which would hide
+a leak."""
 
 from __future__ import annotations
 
@@ -13,18 +15,21 @@ from vqa_async.cluster.haproxy import find_haproxy
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"requests", "failures", "kills", "stalls", "reloads", "failed_reloads", "restart_p50_s", "p99_ms",
-        "rss_growth_mb"}
+        "in_flight_at_faults"}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
-def test_one_minute_of_chaos_loses_nothing() -> None:
+def test_chaos_kill_stall_reload_under_load_loses_nothing() -> None:
     # Seed 9: kill, stall, reload, bad reload; a minute on a slow box still times one restart.
     out = subprocess.run([sys.executable, "-m", "bench", "chaos", "--minutes", "1", "--seed", "9"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print("\n" + json.dumps(result))
-    assert set(result) >= KEYS
+    assert set(result) >= KEYS, result
     assert result["failures"] == 0 and result["problems"] == [] and result["cluster_exit"] == 0, result
-    assert result["requests"] > 0 and result["kills"] + result["stalls"] + result["reloads"] + \
-        result["failed_reloads"] >= 2
+    # Every kind of fault happened (the scenario's first round runs whole), each with requests in flight.
+    assert min(result["kills"], result["stalls"], result["reloads"], result["failed_reloads"]) >= 1, result
+    faults = result["kills"] + result["stalls"] + result["reloads"] + result["failed_reloads"]
+    assert len(result["in_flight_at_faults"]) == faults and min(result["in_flight_at_faults"]) >= 1, result
+    assert result["requests"] > 0 and result["restart_p50_s"] is not None
