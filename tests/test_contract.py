@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.lib.loadgen import wait_ready
-from vqa_async.cluster.supervisor import free_port
+from vqa_async.testing.launch import start_serve
 
 KEY = "contract-test-key-0123456789"
 HERE = Path(__file__).resolve().parent
@@ -37,21 +36,15 @@ warnings = false
 @pytest.mark.parametrize("with_keys, examples", [(True, 25), (False, 10)])
 def test_schemathesis_finds_nothing_against_a_live_serve(tmp_path: Path, demo_dir: Path, with_keys: bool,
                                                          examples: int) -> None:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "vqa_async.cli", "serve", "--model", str(demo_dir), "--port", str(port),
-           "--access-log", "off", "--max-inflight-per-client", "4"]
     auth: list[str] = []
     if with_keys:
-        keys = tmp_path / "keys"
-        keys.write_text(f"ci:{KEY}\n")
-        cmd += ["--api-keys", str(keys)]
         auth = ["-H", f"X-API-Key: {KEY}", "-H", f"Authorization: Bearer {KEY}"]  # either scheme, valid
     config = tmp_path / "schemathesis.toml"
     config.write_text(CONFIG)
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    srv = start_serve(demo_dir, "--max-inflight-per-client", "4", keys={"ci": KEY} if with_keys else None,
+                      log=tmp_path / "serve.log", home=tmp_path)
+    url = srv.url
     try:
-        wait_ready(url, proc)
         st = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", url + "/openapi.json",
              *auth, "--checks", "all",
@@ -69,5 +62,4 @@ def test_schemathesis_finds_nothing_against_a_live_serve(tmp_path: Path, demo_di
         counts = re.search(r"Selected: (\d+)/(\d+)\s+Tested: (\d+)", st.stdout)
         assert counts and len(set(counts.groups())) == 1, "every operation is tested"
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        srv.stop()

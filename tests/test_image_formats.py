@@ -4,23 +4,18 @@ same picture, upright, and under the same pixel cap, checked before any pixel is
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-from cluster_support import stop_process
 from PIL import Image
 from PIL.AvifImagePlugin import AvifImageFile
 from pillow_heif.as_plugin import HeifImageFile
 
-from vqa_async.cluster.supervisor import free_port
 from vqa_async.model.preprocess import ImageError, decode_image
+from vqa_async.testing.launch import start_serve
 
 MAX_PIXELS = 100_000
 QUESTIONS = ["what color is the shape?", "what shape is this?"]
@@ -74,25 +69,11 @@ def test_the_pixel_cap_applies_before_decoding(fmt: str, monkeypatch: pytest.Mon
 
 @pytest.fixture(scope="module")
 def serve(demo_dir: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "serve", "--model", str(demo_dir), "--port",
-                             str(port), "--max-pixels", str(MAX_PIXELS), "--access-log", "off"],
-                            env={**os.environ, "VQA_DEVICE": "cpu"})
-    url = f"http://127.0.0.1:{port}"
+    srv = start_serve(demo_dir, "--max-pixels", str(MAX_PIXELS), env={"VQA_DEVICE": "cpu"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"serve exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "serve did not become ready"
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-        yield url
+        yield srv.url
     finally:
-        stop_process(proc)
+        srv.stop()
 
 
 async def _answers(s: aiohttp.ClientSession, url: str, data: bytes, name: str,

@@ -8,12 +8,8 @@ import asyncio
 import base64
 import io
 import ipaddress
-import os
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,7 +18,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from cluster_support import stop_process
 from yarl import URL
 
 from vqa_async.cli import build_parser
@@ -31,6 +26,7 @@ from vqa_async.config import Settings, settings_from_args
 from vqa_async.http import media_fetch
 from vqa_async.http.errors import ApiError
 from vqa_async.http.media_fetch import address_problem, check_url, fetch_image
+from vqa_async.testing.launch import start_serve
 
 QUESTION = "what color is the shape?"
 
@@ -335,34 +331,14 @@ def test_settings_from_flags_and_environment() -> None:
 
 # -- through a real `vqa-async serve` ---------------------------------------------------------------------------
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("serve did not become ready")
-
-
 @pytest.fixture(scope="module")
 def serve(demo_dir: Path) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "serve", "--model", str(demo_dir), "--port",
-                             str(port), "--allowed-media-domains", "127.0.0.1,localhost", "--allow-private-media",
-                             "--media-timeout-s", "1", "--max-pixels", "10000", "--access-log", "off"],
-                            env={**os.environ, "VQA_DEVICE": "cpu"})
-    url = f"http://127.0.0.1:{port}"
+    srv = start_serve(demo_dir, "--allowed-media-domains", "127.0.0.1,localhost", "--allow-private-media",
+                      "--media-timeout-s", "1", "--max-pixels", "10000", env={"VQA_DEVICE": "cpu"})
     try:
-        _wait_ready(url, proc)
-        yield url
+        yield srv.url
     finally:
-        stop_process(proc)
+        srv.stop()
 
 
 async def _ask(s: aiohttp.ClientSession, url: str, **body: Any) -> tuple[int, dict[str, Any]]:

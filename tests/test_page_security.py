@@ -7,8 +7,6 @@ process whose logs never see a key."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -33,9 +31,8 @@ from page_support import (
     webdriver,
 )
 
-from bench.lib.loadgen import wait_ready
-from vqa_async.cluster.supervisor import free_port
 from vqa_async.http.security import CONTENT_SECURITY_POLICY, _same_origin
+from vqa_async.testing.launch import start_serve
 
 # Sets a marker and the title if any part of it is ever parsed as markup and runs.
 PAYLOAD = ('"><script>window.__xss = 1; document.title = "xss"</script>'
@@ -265,20 +262,12 @@ class Keyed:
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[Keyed]:
     d = tmp_path_factory.mktemp("keyed")
-    (d / "keys").write_text(f"alice:{KEY}\n")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     access, stderr = d / "access.jsonl", d / "stderr.log"
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "--log-level", "DEBUG", "serve", "--model",
-                                 str(demo_dir), "--port", str(port), "--api-keys", str(d / "keys"), "--access-log",
-                                 str(access)], stdout=subprocess.DEVNULL, stderr=err)
+    srv = start_serve(demo_dir, keys={"alice": KEY}, access_log=access, log=stderr, log_level="DEBUG", home=d)
     try:
-        wait_ready(url, proc)
-        yield Keyed(url, [access, stderr])
+        yield Keyed(srv.url, [access, stderr])
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        srv.stop()
 
 
 def stored_key(driver: webdriver.Chrome) -> object:

@@ -7,9 +7,6 @@ the real model (a batch interrupted at every layer and step gives exactly the an
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,13 +14,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 import torch
-from cluster_support import faulty_env, set_faults
+from cluster_support import set_faults
 
-from bench.lib.loadgen import wait_ready
-from vqa_async.cluster.supervisor import free_port
 from vqa_async.model.answer import Answerer
 from vqa_async.model.loader import LoadedModel
 from vqa_async.model.preprocess import EncodedQuestions, UploadPixels
+from vqa_async.testing.launch import Faults, Launched, start_serve
 
 SLOW_S = 1.0  # each model call sleeps this long first (tests/faults/sitecustomize.py)
 
@@ -81,18 +77,9 @@ def _bulk_then_light(url: str, calls: Path, bulk_image: bytes, light_images: lis
     return asyncio.run(scenario())
 
 
-def _serve(demo_dir: Path, fault_file: Path, *args: str) -> tuple[subprocess.Popen[bytes], str, int]:
-    port = free_port()
-    env = dict(os.environ, **faulty_env(fault_file))
-    proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "serve", "--model", str(demo_dir), "--port",
-                             str(port), "--access-log", "off", *args], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-    except BaseException:
-        proc.kill()
-        raise
-    return proc, url, port
+def _serve(demo_dir: Path, fault_file: Path, *args: str) -> tuple[Launched, str, int]:
+    srv = start_serve(demo_dir, *args, faults=Faults(fault_file))
+    return srv, srv.url, srv.port
 
 
 def _preemptions(url: str) -> float:
@@ -128,8 +115,7 @@ def test_light_clients_are_answered_inside_a_bulk_clients_batch_together(
         assert took < 6 * SLOW_S + 10  # three slowed model calls, never a hang
         assert _preemptions(url) == (1.0 if share == "0.5" else 0.0)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        proc.stop()
 
 
 def test_many_people_ride_the_next_batch_together_instead_of_breaking_in(
@@ -162,8 +148,7 @@ def test_many_people_ride_the_next_batch_together_instead_of_breaking_in(
         assert _calls(calls) == 2
         assert _preemptions(url) == 0.0
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        proc.stop()
 
 
 def test_a_batch_interrupted_at_every_layer_and_step_gives_its_own_answers(demo: LoadedModel,

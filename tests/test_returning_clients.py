@@ -8,21 +8,16 @@ The collector alone on a fake clock, and a real `serve` with eight such clients.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from cluster_support import stop_process
 
-from bench.lib.loadgen import wait_ready
 from bench.lib.metrics import scrape
 from vqa_async.batching.collect import BatchCollector
 from vqa_async.batching.work import WorkItem
-from vqa_async.cluster.supervisor import free_port
+from vqa_async.testing.launch import start_serve
 
 
 class Clock:
@@ -111,15 +106,11 @@ def test_closed_loop_clients_a_little_apart_ride_one_batch(demo_dir: Path, easy_
     these 96 requests took 23 model calls (about four each: two halves alternating); now the batch waits for the
     clients it just answered (a long window here, so that a slow box's hiccups do not decide: the batch closes
     when the eighth is back, so only the last one waits it out)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "--log-level", "WARNING", "serve", "--model",
-                             str(demo_dir), "--port", str(port), "--access-log", "off", "--return-window-ms", "200"],
-                            env=dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
-    url = f"http://127.0.0.1:{port}"
+    srv = start_serve(demo_dir, "--return-window-ms", "200", log_level="WARNING", env={"OMP_WAIT_POLICY": "PASSIVE"})
+    url = srv.url
     rounds = 12
     images = [p.read_bytes() for p in easy_vqa_images[:8]]
     try:
-        wait_ready(url, proc)
 
         async def client(k: int) -> None:
             connector = aiohttp.TCPConnector(local_addr=(f"127.0.0.{30 + k}", 0))
@@ -143,4 +134,4 @@ def test_closed_loop_clients_a_little_apart_ride_one_batch(demo_dir: Path, easy_
         # 96 questions: 12 full batches at best (measured: 12; the old collector made 23); a slow box may hiccup.
         assert total / calls >= 6.0, f"mean batch {total / calls:.2f} over {calls:.0f} model calls"
     finally:
-        stop_process(proc)
+        srv.stop()
