@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cluster_support import RunningCluster, cluster_command, stop_cluster
+from cluster_support import RunningCluster, stop_cluster
 
 from bench.lib.certs import self_signed_cert
 from bench.lib.loadgen import easy_vqa_requests, encode_forms
 from vqa_async.cli import build_parser, cluster_options
 from vqa_async.cluster.haproxy import find_haproxy
-from vqa_async.cluster.supervisor import free_port_pair
+from vqa_async.testing.launch import start_cluster
 
 pytestmark = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 
@@ -80,24 +80,11 @@ def lines_with(path: Path, request_id: str, wait_s: float = 5.0) -> list[dict]: 
 def front(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> Iterator[Front]:
     tmp = tmp_path_factory.mktemp("front")
     cert, key = self_signed_cert(tmp)
-    port = free_port_pair()
     access, errlog = tmp / "access.jsonl", tmp / "stderr.log"
-    with open(errlog, "wb") as err:
-        proc = subprocess.Popen(cluster_command(port, tmp / "rt", demo_dir, "--tls-cert", str(cert), "--tls-key",
-                                                str(key), "--haproxy-log", "--rate-limit", str(RATE),
-                                                "--access-log", str(access), workers=1), stderr=err)
-    cl = RunningCluster(proc, port, tmp / "rt")
+    # Ready when HAProxy sees its worker up: nothing through the front before the tests (its rate limit counts).
+    cl = start_cluster(demo_dir, "--haproxy-log", "--rate-limit", str(RATE), tls=(cert, key), access_log=access,
+                       log=errlog, workers=1, home=tmp, probe=False, timeout=240)
     f = Front(cl, cert, access, errlog)
-    end = time.monotonic() + 240
-    while True:  # ready: HAProxy runs and sees its worker up
-        assert proc.poll() is None, f"cluster exited with {proc.returncode}: {errlog.read_text()[-2000:]}"
-        try:
-            if cl.state().get("haproxy_pid") and cl.all_up():
-                break
-        except (OSError, ValueError):
-            pass
-        assert time.monotonic() < end, "cluster not ready"
-        time.sleep(0.3)
     yield f
     stop_cluster(cl)
 

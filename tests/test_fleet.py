@@ -7,6 +7,7 @@ Runs as root with iproute2 (and dnsmasq for discovery); skips with the reason el
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import shutil
@@ -28,6 +29,7 @@ from netns_hosts import Host, Hosts, qdisc_available, skip_reason
 from bench.lib.loadgen import Result, easy_vqa_requests, encode_forms, run_load
 from vqa_async.cluster.haproxy import RuntimeApi, find_haproxy
 from vqa_async.cluster.supervisor import free_port, free_port_pair
+from vqa_async.testing.launch import start_cluster
 
 _why_not = skip_reason() or (None if find_haproxy() else "needs Debian's haproxy")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why_not is not None, reason=_why_not or "")]
@@ -51,14 +53,10 @@ class Front(RunningCluster):
     def up_addresses(self) -> set[str]:
         return {row["addr"].rsplit(":", 1)[0] for row in self.stats().values() if row["status"].startswith("UP")}
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            assert self.proc.wait(timeout=60) == 0
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self, timeout: float = 60, sig: int = signal.SIGTERM) -> int:
+        code = super().stop(timeout, sig)  # the launcher's: SIGTERM, then SIGKILL, nothing left
+        assert code == 0
+        return code
 
 
 def start_front(tmp: Path, *backend_args: str, up: int) -> Front:
@@ -66,11 +64,10 @@ def start_front(tmp: Path, *backend_args: str, up: int) -> Front:
     rdir = tmp / f"front-{port}"
     rdir.mkdir()
     # HAProxy's request log, for the termination state of a request that fails
-    with open(rdir / "front.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "cluster", "--workers", "0", "--port",
-                                 str(port), "--runtime-dir", str(rdir), "--haproxy-log", *backend_args],
-                                stdout=log, stderr=subprocess.STDOUT)
-    front = Front(proc, port, rdir)
+    cl = start_cluster(None, "--haproxy-log", *backend_args, workers=0, port=port, runtime_dir=rdir,
+                       log=rdir / "front.log", home=rdir, ready=False)
+    front = Front(**{f.name: getattr(cl, f.name) for f in dataclasses.fields(cl)})
+    proc = front.proc
     wait_for(lambda: proc.poll() is not None or (rdir / "haproxy.sock").exists() and len(front.up_addresses()) == up,
              timeout=60, what=f"the front with {up} hosts up")
     assert proc.poll() is None, f"cluster exited with {proc.returncode}"

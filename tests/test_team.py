@@ -294,14 +294,12 @@ async def test_access_log_off_writes_nothing(make_client: ClientMaker, tmp_path:
 def test_serve_over_tls_answers_with_its_ca_and_refuses_plain_http(tmp_path: Path, demo_dir: Path,
                                                                    easy_vqa_images: list[Path]) -> None:
     from bench.lib.certs import self_signed_cert
-    from vqa_async.cluster.supervisor import free_port
+    from vqa_async.testing.launch import start_serve
 
     cert, key = self_signed_cert(tmp_path)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "vqa_async.cli", "serve", "--model", str(demo_dir),
-                             "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key),
-                             "--access-log", "off"])
-    url = f"https://127.0.0.1:{port}"
+    srv = start_serve(demo_dir, tls=(cert, key), home=tmp_path)  # ready: its /readyz answered over TLS
+    port, proc, url = srv.port, srv.proc, srv.url
+    assert url == f"https://127.0.0.1:{port}"
     try:
         ctx = ssl.create_default_context(cafile=str(cert))
 
@@ -337,8 +335,7 @@ def test_serve_over_tls_answers_with_its_ca_and_refuses_plain_http(tmp_path: Pat
                                   timeout=30)
         assert insecure.returncode != 0  # an unknown CA is refused by a checking client
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        srv.stop()
 
 
 # -- the fairness bench, tiny ----------------------------------------------------------------------------------

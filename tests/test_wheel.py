@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
 import urllib.request
 import zipfile
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ import pytest
 from setuptools import find_packages
 
 from vqa_async.cluster.haproxy import find_haproxy
-from vqa_async.cluster.supervisor import free_port_pair
+from vqa_async.testing.launch import start_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -137,20 +136,6 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield python.parent
 
 
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 240) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, f"exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} not answering within {timeout:.0f} s")
-
-
 def _ask(url: str) -> dict:  # type: ignore[type-arg]
     import asyncio
 
@@ -161,27 +146,15 @@ def _ask(url: str) -> dict:  # type: ignore[type-arg]
     return {"answer": result.answer, "served_by": result.served_by}
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        assert proc.wait(90) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")
 def test_installed_serve_and_cluster_render_the_page_and_answer(installed: Path, tmp_path: Path) -> None:
     # One cluster of one worker: the worker is the installed `vqa-async serve`, asked directly and through
     # HAProxy (one start instead of two: each costs ~20 s of import on the shared 2-core box).
-    port = free_port_pair()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VQA_", "PYTHONPATH"))}
-    proc = subprocess.Popen([str(installed / "vqa-async"), "cluster", "--workers", "1", "--port", str(port),
-                             "--torch-threads", "1", "--runtime-dir", str(tmp_path / "rt")], cwd=tmp_path, env=env)
+    cl = start_cluster(None, "--torch-threads", "1", workers=1, exe=installed / "vqa-async", cwd=tmp_path,
+                       base_env=env, home=tmp_path, timeout=240)
     try:
-        front = f"http://127.0.0.1:{port}"
-        _wait(front + "/readyz", proc)
+        front = cl.url
         (worker,) = json.loads((tmp_path / "rt" / "state.json").read_text())["workers"]
         # the worker runs the installed console script, not this checkout
         assert str(installed / "vqa-async") in Path(f"/proc/{worker['pid']}/cmdline").read_text()
@@ -192,7 +165,7 @@ def test_installed_serve_and_cluster_render_the_page_and_answer(installed: Path,
         assert _ask(serve)["answer"]
         assert _ask(front)["served_by"] == "w0"  # HAProxy's header: the answer came through the front
     finally:
-        _stop(proc)
+        assert cl.stop(90) == 0
 
 
 def test_pip_install_dot_non_editable_finds_its_templates(tmp_path: Path) -> None:

@@ -113,16 +113,19 @@ def assert_gone(pids: Sequence[int], timeout: float = 10) -> None:
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300,
-               ssl_context: ssl.SSLContext | None = None, also: Callable[[], bool] | None = None) -> None:
+               ssl_context: ssl.SSLContext | None = None, also: Callable[[], bool] | None = None,
+               probe: bool = True) -> None:
     """Polls `url`/readyz until it answers 200 (and `also()` holds); raises if `proc` exits first or `timeout`
-    passes."""
+    passes. `probe=False`: `also()` alone, no request to `url` (a front whose rate limit would count them)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
+        if not probe and also is not None and also():
+            return
         with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=2,
                                                                   context=ssl_context) as r:
-            if r.status == 200 and (also is None or also()):
+            if probe and r.status == 200 and (also is None or also()):
                 return
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready within {timeout:.0f} s")
@@ -185,10 +188,11 @@ class Launched:
 
 
 def _popen(cmd: list[str], env: dict[str, str] | None, log: Path | None, cwd: Path | None,
-           inherit_output: bool) -> subprocess.Popen[bytes]:
+           inherit_output: bool, base_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     out = open(log, "ab") if log else (None if inherit_output else subprocess.DEVNULL)  # noqa: SIM115
     try:  # its own session: a group stop reaches everything it forks in it
-        return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
+        base = os.environ if base_env is None else base_env
+        return subprocess.Popen(cmd, env={**base, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
                                 if log else out, cwd=cwd, start_new_session=True)
     finally:
         if log and out is not None and not isinstance(out, int):
@@ -312,9 +316,11 @@ def start_cluster(model: str | os.PathLike[str] | None = None, *flags: str, work
                   faults: Faults | None = None, access_log: Path | str | None = None, log: Path | None = None,
                   log_level: str | None = None, exe: str | os.PathLike[str] | None = None, cwd: Path | None = None,
                   home: Path | None = None, timeout: float = 300, ready: bool = True,
-                  inherit_output: bool = True, ssl_context: ssl.SSLContext | None = None) -> Cluster:
+                  inherit_output: bool = True, ssl_context: ssl.SSLContext | None = None,
+                  probe: bool = True, base_env: dict[str, str] | None = None) -> Cluster:
     """A `vqa-async cluster` of `workers` on a free port pair (the front, and HAProxy's stats at port + 1), ready:
-    /readyz through the front answers 200 and HAProxy sees every worker UP."""
+    /readyz through the front answers 200 and HAProxy sees every worker UP (`probe=False`: HAProxy's view alone,
+    nothing sent through the front). `base_env`: the environment `env` adds to (default: this process's)."""
     from vqa_async.cluster.supervisor import free_port_pair
 
     home = home or Path(tempfile.mkdtemp(prefix="vqa-cluster-"))
@@ -324,12 +330,12 @@ def start_cluster(model: str | os.PathLike[str] | None = None, *flags: str, work
     more, ctx, access = _prepare(home, list(flags), keys, tls, access_log)
     ctx = ssl_context or ctx
     cmd = cluster_command(port, rdir, *more, workers=workers, model=model, log_level=log_level, exe=exe)
-    proc = _popen(cmd, {**(faults.env() if faults else {}), **(env or {})}, log, cwd, inherit_output)
+    proc = _popen(cmd, {**(faults.env() if faults else {}), **(env or {})}, log, cwd, inherit_output, base_env)
     cl = Cluster(proc, port, f"{'https' if ctx else 'http'}://127.0.0.1:{port}", ctx, log, access, dict(keys or {}),
                  home, runtime_dir=rdir, model=str(model) if model else None, exe=str(exe) if exe else None)
     if ready:
         try:  # one that does not come up is stopped here with all it started: supervisor, HAProxy, workers
-            wait_ready(cl.url, proc, timeout, ctx, also=cl.all_up if workers else None)
+            wait_ready(cl.url, proc, timeout, ctx, also=cl.all_up if workers else None, probe=probe)
         except BaseException:
             cl.stop(timeout=10)
             raise
