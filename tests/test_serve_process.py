@@ -6,8 +6,6 @@ import asyncio
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,16 +61,17 @@ def test_graceful_stop_sigterm_answers_everything_in_flight_then_exits_0(demo_di
         srv.stop()
 
 
-def test_log_level_is_case_blind_and_a_bad_one_is_a_clean_error() -> None:
+def test_log_level_is_case_blind_and_a_bad_one_is_a_clean_error(tmp_path: Path) -> None:
     from vqa_async.cli import main
     from vqa_async.config import Settings
 
     assert Settings(device="cpu", log_level="debug").log_level == "DEBUG"
     assert main(["--log-level", "loud", "serve"]) == 2
     env = {k: v for k, v in os.environ.items() if k != "VQA_LOG_LEVEL"}
-    bad = subprocess.run([sys.executable, "-m", "vqa_async.cli", "serve"], env={**env, "VQA_LOG_LEVEL": "loud"},
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "invalid log level" in bad.stderr and "Traceback" not in bad.stderr
+    bad = start_serve(None, base_env=env, env={"VQA_LOG_LEVEL": "loud"}, access_log=None, log=tmp_path / "out",
+                      home=tmp_path, ready=False)
+    assert bad.proc.wait(timeout=120) == 2
+    assert "invalid log level" in bad.log_text() and "Traceback" not in bad.log_text()
 
 
 def _serve(demo_dir: Path, *extra: str) -> tuple[Launched, str]:

@@ -222,7 +222,7 @@ def start_serve(model: str | os.PathLike[str] | None = None, *flags: str, port: 
                 exe: str | os.PathLike[str] | None = None, wrap: Sequence[str] = (), cwd: Path | None = None,
                 home: Path | None = None, timeout: float = 300, ready: bool = True,
                 inherit_output: bool = True, host: str = "127.0.0.1",
-                ssl_context: ssl.SSLContext | None = None) -> Launched:
+                ssl_context: ssl.SSLContext | None = None, base_env: dict[str, str] | None = None) -> Launched:
     """A `vqa-async serve` on a free port (or `port`), ready. `wrap`: a prefix that execs it (`ip netns exec NS`);
     `ready=False`: return at once (a test of how it starts or fails). `ssl_context`: https, with --tls-cert and
     --tls-key among `flags` (instead of `tls`)."""
@@ -234,7 +234,7 @@ def start_serve(model: str | os.PathLike[str] | None = None, *flags: str, port: 
     more, ctx, access = _prepare(home, list(flags), keys, tls, access_log)
     ctx = ssl_context or ctx
     cmd = [*wrap, *serve_command(port, *more, model=model, log_level=log_level, exe=exe)]
-    proc = _popen(cmd, {**(faults.env() if faults else {}), **(env or {})}, log, cwd, inherit_output)
+    proc = _popen(cmd, {**(faults.env() if faults else {}), **(env or {})}, log, cwd, inherit_output, base_env)
     srv = Launched(proc, port, f"{'https' if ctx else 'http'}://{host}:{port}", ctx, log, access, dict(keys or {}),
                    home)
     if ready:
