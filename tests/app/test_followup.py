@@ -17,24 +17,13 @@ from aiohttp import FormData, web
 from aiohttp.test_utils import TestClient
 from fakes import FaultyAnswerer
 
-from vqa_async.app import init_app
 from vqa_async.batching.work import WorkItem
-from vqa_async.config import Settings
 from vqa_async.core.adapter import ImageNotCached, VqaPayload
 from vqa_async.http.keys import METRICS, SERVICE
 from vqa_async.model.preprocess import UploadPixels
 
 ClientMaker = Callable[..., Awaitable[TestClient[Any, Any]]]
 QUESTION = "what color is the shape?"
-
-
-@pytest.fixture
-def make_client(aiohttp_client: Any, demo_dir: Path) -> ClientMaker:
-    async def make(**overrides: Any) -> TestClient[Any, Any]:
-        settings = Settings(model=str(demo_dir), device="cpu", **overrides)
-        return await aiohttp_client(init_app(settings), server_kwargs={"handler_cancellation": True})
-
-    return make
 
 
 def form(image: bytes | None = None, image_id: str | None = None, question: str = QUESTION,

@@ -23,15 +23,6 @@ ClientMaker = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
-def make_client(aiohttp_client: Any, demo_dir: Path) -> Callable[..., Awaitable[TestClient[Any, Any]]]:
-    async def make(**overrides: Any) -> TestClient[Any, Any]:
-        settings = Settings(model=str(demo_dir), device="cpu", **overrides)
-        return await aiohttp_client(init_app(settings), server_kwargs={"handler_cancellation": True})
-
-    return make
-
-
-@pytest.fixture
 async def client(make_client: ClientMaker) -> TestClient[Any, Any]:
     return await make_client()
 

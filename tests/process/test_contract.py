@@ -23,7 +23,7 @@ import pytest
 from vqa_async.testing.launch import start_serve
 
 KEY = "contract-test-key-0123456789"
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: contract_checks.py
 # Random base64 is no image, so nearly every generated chat request is rightly refused (invalid_image): without
 # this, schemathesis warns of a schema looser than the server on that route, and a warning is an issue here.
 CONFIG = """

@@ -62,7 +62,7 @@ def test_large_replica_has_the_real_parameter_count(tmp_path: Path) -> None:
 
 
 def test_two_processes_share_one_copy_of_the_weights(demo_dir: Path) -> None:
-    root = Path(__file__).resolve().parents[1]  # tools/ is the repository's, not the wheel's
+    root = Path(__file__).resolve().parents[2]  # tools/ is the repository's, not the wheel's
     out = subprocess.run([sys.executable, "-m", "tools.memcheck", "--processes", "2"], cwd=root,
                          capture_output=True, text=True, timeout=300, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])

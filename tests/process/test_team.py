@@ -23,7 +23,6 @@ from aiohttp import FormData
 from aiohttp.test_utils import TestClient, make_mocked_request
 from fakes import FaultyAnswerer
 
-from vqa_async.app import init_app
 from vqa_async.config import Settings
 from vqa_async.http.auth import KeyRing, client_address
 from vqa_async.http.keys import METRICS, SERVICE
@@ -42,11 +41,11 @@ def keys_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_client(aiohttp_client: Any, demo_dir: Path, tmp_path: Path) -> ClientMaker:
+def make_client(make_client: ClientMaker, tmp_path: Path) -> ClientMaker:
+    """conftest's, with the access log in a file by default (the tests read it)."""
     async def make(**overrides: Any) -> TestClient[Any, Any]:
         overrides.setdefault("access_log", str(tmp_path / "access.log"))
-        settings = Settings(model=str(demo_dir), device="cpu", **overrides)
-        return await aiohttp_client(init_app(settings), server_kwargs={"handler_cancellation": True})
+        return await make_client(**overrides)
 
     return make
 
@@ -342,7 +341,7 @@ def test_serve_over_tls_answers_with_its_ca_and_refuses_plain_http(tmp_path: Pat
 def test_fairness_bench_runs_tiny_and_reports_its_contracted_keys() -> None:
     out = subprocess.run([sys.executable, "-m", "bench", "fairness", "--seconds", "1", "--repeats", "1",
                           "--big-concurrency", "4", "--settings", "fair,fifo"], capture_output=True, text=True,
-                         timeout=300, cwd=Path(__file__).resolve().parent.parent)
+                         timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-3000:]
     rows = orjson.loads(out.stdout.strip().splitlines()[-1])
     assert [r["setting"] for r in rows] == ["fair", "fifo"]

@@ -23,7 +23,7 @@ from bench.lib.workloads import STAMP, Workload, ends_with_marker, source_images
 from bench.scenarios.sweep import measure
 from vqa_async.cluster.haproxy import find_haproxy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROW_KEYS = {"system", "concurrency", "workload", "repeats", "answers_per_s", "answers_per_s_min", "answers_per_s_max",
             "p95_ms", "failures", "cache_hits", "cache_misses", "dedups", "mean_batch_size"}
 needs_haproxy = pytest.mark.skipif(find_haproxy() is None, reason="needs Debian's haproxy")

@@ -14,7 +14,7 @@ import pytest
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.testing.launch import stop_process
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEYS = {"requests", "failures", "kills", "stalls", "reloads", "failed_reloads", "restart_p50_s", "p99_ms",
         "in_flight_at_faults"}
 

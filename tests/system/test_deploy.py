@@ -21,7 +21,7 @@ from vqa_async.cluster import haproxy
 from vqa_async.cluster.supervisor import Cluster
 from vqa_async.config import settings_from_args
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 KUBERNETES_VERSION = "1.33.0"  # a release most managed clusters run; kubernetes-validate ships its schema
 
 

@@ -223,8 +223,9 @@ def test_least_connections_shifts_load_away_from_a_host_with_a_slow_link(hosts: 
 def test_least_connections_shifts_load_away_from_a_slow_host(hosts: Hosts, tmp_path: Path, forms: list[Any]) -> None:
     # Each question to the third host is held 1.5 s by a relay in its namespace; its health checks are not.
     slow = hosts.hosts[2]
-    relay = subprocess.Popen(["ip", "netns", "exec", slow.netns, sys.executable, str(Path(__file__).with_name(
-        "delay_proxy.py")), "--listen", f"{slow.addr}:8001", "--to", slow.backend, "--delay-ms", "1500"])
+    relay = subprocess.Popen(["ip", "netns", "exec", slow.netns, sys.executable,
+                              str(Path(__file__).parents[1] / "delay_proxy.py"), "--listen", f"{slow.addr}:8001",
+                              "--to", slow.backend, "--delay-ms", "1500"])
     f = None
     try:
         args = ["--backend", hosts.hosts[0].backend, "--backend", hosts.hosts[1].backend,

@@ -30,7 +30,7 @@ from setuptools import find_packages
 from vqa_async.cluster.haproxy import find_haproxy
 from vqa_async.testing.launch import start_cluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
