@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 WORKERS ?= 2
 PORT ?= 8080
 
-.PHONY: run serve test bench docs system install install-test
+.PHONY: run serve test test-fast bench docs system install install-test
 
 run: install system  ## the main job: the HAProxy cluster on the demo model at http://127.0.0.1:$(PORT)
 	$(VENV)/bin/vqa-async cluster --workers $(WORKERS) --port $(PORT)
@@ -14,10 +14,13 @@ run: install system  ## the main job: the HAProxy cluster on the demo model at h
 serve: install  ## one process, no HAProxy
 	$(VENV)/bin/vqa-async serve --port $(PORT)
 
-test: install-test system  ## the whole suite (CI runs exactly this)
+test: install-test system docs  ## the whole suite (CI runs exactly this; under CI=true a skipped tool fails it)
 	$(VENV)/bin/ruff check vqa_async tests bench tools
 	$(VENV)/bin/mypy vqa_async
 	$(PY) -m pytest
+
+test-fast: install-test  ## the first tiers: tests/unit (no model, no process) and tests/app (in-process)
+	$(PY) -m pytest tests/unit tests/app -q
 
 bench: install-test system  ## baseline, serve, cluster, ceiling and LitServe on new uploads, demo model -> bench/out
 	$(PY) -m bench sweep --systems baseline,serve,cluster,ceiling,litserve --concurrency 1,8,32,100 \
@@ -27,13 +30,14 @@ docs: install-test  ## the manual (docs/, mkdocs.yml) built strictly into site/:
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 system:  ## Debian packages: HAProxy (the front), Chromium + driver (page tests), ab (load checks),
-         ## iproute2 + dnsmasq (network-namespace hosts and DNS discovery in tests/test_fleet.py),
-         ## curl and openssl (the TLS tests speak to the servers with them)
+         ## iproute2 (ip, tc) + dnsmasq (network-namespace hosts and DNS discovery in tests/system/test_fleet.py),
+         ## curl and openssl (the TLS tests speak to the servers with them), systemd-analyze (the unit file's check)
 	@if ! command -v haproxy >/dev/null || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] \
-	    || ! command -v dnsmasq >/dev/null || ! command -v ip >/dev/null || ! command -v curl >/dev/null \
-	    || ! command -v openssl >/dev/null; then \
+	    || ! command -v dnsmasq >/dev/null || ! command -v ip >/dev/null || ! command -v tc >/dev/null \
+	    || ! command -v curl >/dev/null || ! command -v openssl >/dev/null || ! command -v ab >/dev/null \
+	    || ! command -v systemd-analyze >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy chromium chromium-driver \
-	    apache2-utils iproute2 dnsmasq-base curl openssl >/dev/null; fi
+	    apache2-utils iproute2 dnsmasq-base curl openssl systemd >/dev/null; fi
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)

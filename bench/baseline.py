@@ -23,7 +23,7 @@ from PIL import Image
 
 
 def build(model_dir: str | None, device: str) -> web.Application:
-    from tests.pipeline_support import install_stand_ins  # ModelScope's preprocessor module imports decord
+    from vqa_async.testing.pipeline_support import install_stand_ins  # ModelScope's preprocessor module imports decord
 
     install_stand_ins()
     from modelscope.preprocessors.multi_modal import MPlugPreprocessor

@@ -15,13 +15,13 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vqa_async.testing import launch
 
 SERVE_PORT = 8000
 
@@ -122,14 +122,12 @@ class Hosts:
     # -- serve inside a host ------------------------------------------------------------------------------------
     def start_serve(self, h: Host, model: Path, *extra: str) -> None:
         h.log = self.workdir / f"{h.netns}.log"
-        with open(h.log, "ab") as out:
-            # `ip netns exec` execs the command: the Popen is the serve process itself, so signals reach it.
-            h.proc = subprocess.Popen(["ip", "netns", "exec", h.netns, sys.executable, "-m", "vqa_async.cli",
-                                       "serve", "--host", h.addr, "--port", str(SERVE_PORT), "--model", str(model),
-                                       # SIGTERM takes the host out of the front's rotation before it stops
-                                       # listening, as a host behind a front should be run (README)
-                                       "--torch-threads", "1", "--drain-s", "1.5", *extra],
-                                      stdout=out, stderr=subprocess.STDOUT)
+        # `ip netns exec` execs the command: the process is the serve process itself, so signals reach it.
+        # SIGTERM takes the host out of the front's rotation before it stops listening, as a host behind a front
+        # should be run (README). Ready is waited for by wait_ready below.
+        h.proc = launch.start_serve(model, "--host", h.addr, "--torch-threads", "1", "--drain-s", "1.5", *extra,
+                                    port=SERVE_PORT, wrap=["ip", "netns", "exec", h.netns], log=h.log,
+                                    access_log=None, host=h.addr, home=self.workdir / h.netns, ready=False).proc
 
     def wait_ready(self, h: Host, timeout: float = 240) -> None:
         end = time.monotonic() + timeout
@@ -146,12 +144,7 @@ class Hosts:
     def stop_serve(self, h: Host, timeout: float = 60) -> int | None:
         if h.proc is None or h.proc.poll() is not None:
             return h.proc.returncode if h.proc else None
-        h.proc.send_signal(signal.SIGTERM)  # serve answers what it holds, then exits 0
-        try:
-            return h.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            h.proc.kill()
-            return h.proc.wait()
+        return launch.stop_process(h.proc, timeout)  # SIGTERM: serve answers what it holds, then exits 0
 
     def log_tail(self, h: Host) -> str:
         return h.log.read_text(errors="replace")[-2000:] if h.log and h.log.exists() else ""

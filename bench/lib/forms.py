@@ -4,9 +4,12 @@ workloads.py, so that neither imports the other."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+# The one multipart builder (the tests send with it too); re-exported for the scenarios that take it from here.
+from vqa_async.testing.http import BOUNDARY as BOUNDARY
+from vqa_async.testing.http import Form as Form
+from vqa_async.testing.http import multipart as multipart
 
 
 def easy_vqa_requests(n: int) -> list[tuple[bytes, str]]:
@@ -25,36 +28,7 @@ def easy_vqa_requests(n: int) -> list[tuple[bytes, str]]:
     return out
 
 
-@dataclass(frozen=True)
-class Form:
-    """One request, encoded: a multipart/form-data body and its Content-Type, and the questions it asks (a
-    follow-up by image_id is built from them)."""
-
-    body: bytes
-    content_type: str
-    questions: tuple[str, ...] = ()
-
-
 Job = tuple[Form, ...]  # what one client sends in a row
-
-BOUNDARY = "vqa-bench-boundary-7d1f0c"
-
-
-def multipart(image: bytes | None, questions: Sequence[str], filename: str = "image.png",
-              content_type: str = "image/png", fields: Sequence[tuple[str, str]] = ()) -> Form:
-    """A multipart/form-data body as browsers and aiohttp's FormData write it: the `image` part (if any), then one
-    `question` part per question, then any other text fields. Built by hand, in microseconds, so that a run
-    that lasts a time can stamp and encode each request as it sends it."""
-    parts: list[bytes] = []
-    b = BOUNDARY.encode()
-    if image is not None:
-        parts += [b"--" + b + b'\r\nContent-Disposition: form-data; name="image"; filename="' + filename.encode()
-                  + b'"\r\nContent-Type: ' + content_type.encode() + b"\r\n\r\n", image, b"\r\n"]
-    for name, value in [("question", q) for q in questions] + list(fields):
-        parts += [b"--" + b + b'\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n',
-                  value.encode(), b"\r\n"]
-    parts.append(b"--" + b + b"--\r\n")
-    return Form(b"".join(parts), f"multipart/form-data; boundary={BOUNDARY}", tuple(questions))
 
 
 def encode_forms(pairs: list[tuple[bytes, str]]) -> list[Form]:

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import ssl
 import statistics
-import subprocess
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +33,7 @@ from bench.lib.forms import BOUNDARY as BOUNDARY
 from bench.lib.forms import Form, Job, multipart
 from bench.lib.forms import easy_vqa_requests as easy_vqa_requests
 from bench.lib.forms import encode_forms as encode_forms
+from vqa_async.testing.launch import wait_ready  # noqa: F401 - the one readiness wait, re-exported
 
 
 @dataclass
@@ -165,21 +163,6 @@ async def run_load(url: str, requests: Iterable[Any], concurrency: int, timeout_
 def percentile(sorted_ms: list[float], p: float) -> float:
     """The p-th percentile (nearest rank below) of an ascending list, rounded to 0.1."""
     return round(sorted_ms[min(len(sorted_ms) - 1, int(p / 100 * len(sorted_ms)))], 1)
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600,
-               ssl_context: ssl.SSLContext | None = None) -> None:
-    """Polls `url`/readyz until it answers 200; raises if `proc` exits first or `timeout` passes."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/readyz", timeout=2,
-                                                                  context=ssl_context) as r:
-            if r.status == 200:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready within {timeout:.0f} s")
 
 
 def summarize(results: list[Result], wall_s: float, window: tuple[float, float] | None = None) -> dict[str, Any]:

@@ -7,8 +7,9 @@ requests dropped at their deadline, and the CPU of the upload path.
 
 from __future__ import annotations
 
-import urllib.request
 from dataclasses import dataclass, fields
+
+from vqa_async.testing.http import scrape  # the one metrics reader
 
 # name in the row -> (metric on the page, label filter: a sample counts if its name is this and every pair holds)
 SERIES: dict[str, tuple[str, dict[str, str]]] = {
@@ -24,20 +25,6 @@ SERIES: dict[str, tuple[str, dict[str, str]]] = {
     "decode_cpu_s": ("vqa_stage_cpu_seconds_total", {"stage": "decode"}),
     "preprocess_cpu_s": ("vqa_stage_cpu_seconds_total", {"stage": "preprocess"}),
 }
-
-
-def scrape(url: str) -> dict[str, float]:
-    """A Prometheus /metrics page as {"name{label=...}": value}; unlabelled series under their bare name."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
-    return out
 
 
 @dataclass

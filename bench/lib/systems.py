@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import ssl
@@ -30,8 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.lib.loadgen import percentile, wait_ready
+from bench.lib.loadgen import percentile
 from bench.lib.workloads import Picture
+from vqa_async.testing.launch import (
+    Cluster,
+    Launched,
+    cluster_command,
+    serve_command,
+    start_cluster,
+    start_serve,
+    stop_process,
+    wait_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = ("baseline", "serve", "serve-exact", "cluster", "ceiling", "litserve", "litserve-fast")
@@ -70,21 +79,13 @@ class System:
     term_group: bool = False  # SIGTERM goes to the whole group (LitServe's workers), not the leader alone
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                if self.term_group:
+        """SIGTERM to the leader (to its whole group for LitServe's workers), SIGKILL after 60 s, and whatever it
+        started SIGKILLed after it (vqa_async.testing.launch.stop_process)."""
+        if self.proc is not None:
+            if self.term_group and self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGTERM)
-                else:
-                    self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):  # whatever outlived its leader
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            stop_process(self.proc, timeout=60)
         with contextlib.suppress(ValueError):
             RUNNING.remove(self)
 
@@ -97,15 +98,8 @@ def stop_all() -> None:
         s.stop()
 
 
-def _serve_command() -> list[str]:
-    from vqa_async.cluster.supervisor import serve_command
-
-    return serve_command()
-
-
 def command(name: str, setup: Setup, port: int, extra: list[str], runtime_dir: Path | None = None) -> list[str]:
     model = ["--model", setup.model] if setup.model else []
-    batch = ["--max-batch-size", str(setup.max_batch_size)] if setup.max_batch_size else []
     if name == "baseline":
         return [sys.executable, "-m", "bench.baseline", "--port", str(port), "--device", setup.device,
                 "--torch-threads", str(setup.threads(1)), *model]
@@ -114,18 +108,28 @@ def command(name: str, setup: Setup, port: int, extra: list[str], runtime_dir: P
                 "--max-batch-size", str(setup.max_batch_size or 16), "--workers-per-device", str(setup.workers),
                 "--torch-threads", str(setup.threads(setup.workers)),
                 "--decode", "fast" if name == "litserve-fast" else "pillow", *model]
-    common = ["--device", setup.device, "--decoder", setup.decoder, "--access-log", "off", *batch, *model,
-              *setup.serve_flags, *extra]
+    model, rest = launcher_flags(name, setup, extra)
     if name in ("serve", "serve-exact"):
-        exact = ["--exact-preprocess"] if name == "serve-exact" else []
-        return _serve_command() + ["serve", "--port", str(port), "--torch-threads", str(setup.threads(1)), *exact,
-                                   *common]
+        return serve_command(port, *rest, model=model, exe=_exe())
     if name == "cluster":
         assert runtime_dir is not None
-        return _serve_command() + ["cluster", "--workers", str(setup.workers), "--port", str(port),
-                                   "--runtime-dir", str(runtime_dir),
-                                   "--torch-threads", str(setup.threads(setup.workers)), *common]
+        return cluster_command(port, runtime_dir, *rest, workers=setup.workers, model=model, exe=_exe())
     raise ValueError(f"unknown system {name!r}: expected one of {', '.join(SYSTEMS)}")
+
+
+def _exe() -> Path | None:
+    """`vqa-async` as `ps` shows it: the console script beside this Python, where installed."""
+    script = Path(sys.executable).parent / "vqa-async"
+    return script if script.exists() else None
+
+
+def launcher_flags(name: str, setup: Setup, extra: list[str]) -> tuple[str | None, list[str]]:
+    """serve's and cluster's model, and their other flags."""
+    batch = ["--max-batch-size", str(setup.max_batch_size)] if setup.max_batch_size else []
+    threads = setup.threads(setup.workers if name == "cluster" else 1)
+    exact = ["--exact-preprocess"] if name == "serve-exact" else []
+    return setup.model, ["--torch-threads", str(threads), *exact, "--device", setup.device, "--decoder",
+                         setup.decoder, "--access-log", "off", *batch, *setup.serve_flags, *extra]
 
 
 def start(name: str, setup: Setup, extra: list[str] | None = None, label: str | None = None,
@@ -133,27 +137,35 @@ def start(name: str, setup: Setup, extra: list[str] | None = None, label: str | 
     """Starts system `name` (serve and cluster with `extra` serve flags too) and waits until it is ready.
     `label`: the name its rows carry (default `name`). `ssl_context`: the system answers https (`extra` holds
     its --tls-cert and --tls-key), checked with this context."""
-    from vqa_async.cluster.supervisor import free_port, free_port_pair
+    from vqa_async.cluster.supervisor import free_port
 
-    rdir = Path(tempfile.mkdtemp(prefix="vqa-bench-cluster-")) if name == "cluster" else None
-    port = free_port_pair() if name == "cluster" else free_port()
-    cmd = command(name, setup, port, list(extra or []), rdir)
     setup.log_dir.mkdir(parents=True, exist_ok=True)
-    with open(setup.log_dir / f"{label or name}.log", "ab") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-                                env=setup.env())
+    log = setup.log_dir / f"{label or name}.log"
+    if name in ("serve", "serve-exact", "cluster"):  # the one launcher that the tests use too
+        model, rest = launcher_flags(name, setup, list(extra or []))
+        if name == "cluster":
+            up: Launched = start_cluster(model, *rest, workers=setup.workers, env=setup.env(), log=log, cwd=ROOT,
+                                         exe=_exe(), timeout=600, ssl_context=ssl_context)
+        else:
+            up = start_serve(model, *rest, env=setup.env(), log=log, cwd=ROOT, exe=_exe(), timeout=600,
+                             ssl_context=ssl_context)
+        sysm = System(label or name, up.url, up.proc)
+        if isinstance(up, Cluster):
+            sysm.runtime_dir, sysm.state = up.runtime_dir, up.state()
+            sysm.metrics_urls = [f"http://127.0.0.1:{w['port']}/metrics" for w in sysm.state["workers"]]
+        else:
+            sysm.metrics_urls = [sysm.url + "/metrics"]
+        RUNNING.append(sysm)
+        return sysm
+    port = free_port()
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(command(name, setup, port, list(extra or [])), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT, env=setup.env())
     scheme = "https" if ssl_context is not None else "http"
-    sysm = System(label or name, f"{scheme}://127.0.0.1:{port}", proc, term_group=name.startswith("litserve"),
-                  runtime_dir=rdir)
+    sysm = System(label or name, f"{scheme}://127.0.0.1:{port}", proc, term_group=name.startswith("litserve"))
     RUNNING.append(sysm)
     try:  # a system that does not come up is stopped here, not left behind
-        wait_ready(sysm.url, proc, ssl_context=ssl_context)
-        if rdir is not None:
-            time.sleep(1.5)  # HAProxy's first health checks
-            sysm.state = json.loads((rdir / "state.json").read_text())
-            sysm.metrics_urls = [f"http://127.0.0.1:{w['port']}/metrics" for w in sysm.state["workers"]]
-        elif name.startswith("serve"):
-            sysm.metrics_urls = [sysm.url + "/metrics"]
+        wait_ready(sysm.url, proc, timeout=600, ssl_context=ssl_context)
     except BaseException:
         sysm.stop()
         raise

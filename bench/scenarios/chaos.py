@@ -38,12 +38,13 @@ from typing import Any
 import aiohttp
 
 from bench.lib.loadgen import Job, percentile
-from bench.lib.systems import ROOT, Setup, command
+from bench.lib.systems import ROOT, Setup, launcher_flags
 from bench.lib.workloads import Workload
 from vqa_async.cluster.haproxy import RuntimeApi
 from vqa_async.cluster.supervisor import free_port_pair, serve_command
 from vqa_async.model.architecture import WEIGHTS_NAME
 from vqa_async.model.loader import DEMO_MODEL_DIR
+from vqa_async.testing.launch import start_cluster, stop_process
 
 STALL_S = 10.0
 WARMUP_S = 10.0
@@ -65,15 +66,19 @@ class Chaos:
         self.counts: Counter[str] = Counter()
         self.restart_s: list[float] = []
         self.problems: list[str] = []
+        self.in_flight = 0  # requests sent and not yet answered, now
+        self.in_flight_at_faults: list[int] = []  # that count at the instant of each kill, stall and reload
 
     # -- the cluster ----------------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return dict(json.loads((self.rdir / "state.json").read_text()))
 
     def start(self) -> None:
-        # The launcher's command has the access log off: a line per request would bury the figures.
+        # The launcher's flags have the access log off: a line per request would bury the figures.
         setup = Setup(model=str(DEMO_MODEL_DIR), workers=self.args.workers)
-        self.proc = subprocess.Popen(command("cluster", setup, self.port, [], self.rdir), cwd=ROOT, env=setup.env())
+        model, flags = launcher_flags("cluster", setup, [])
+        self.proc = start_cluster(model, *flags, workers=setup.workers, port=self.port, runtime_dir=self.rdir,
+                                  env=setup.env(), cwd=ROOT, ready=False).proc
 
     async def wait_all_up(self, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -111,6 +116,7 @@ class Chaos:
                 while not stop.is_set():
                     (form,) = next(jobs)
                     t0 = time.monotonic()
+                    self.in_flight += 1
                     try:
                         async with s.post(url, data=form.body, headers={"Content-Type": form.content_type}) as r:
                             body = await r.read()
@@ -120,6 +126,8 @@ class Chaos:
                                 self.failures[f"{r.status} {body[:80].decode(errors='replace')}"] += 1
                     except (TimeoutError, aiohttp.ClientError) as e:
                         self.failures[type(e).__name__] += 1
+                    finally:
+                        self.in_flight -= 1
 
             await asyncio.gather(*(client(k) for k in range(self.args.concurrency)))
 
@@ -134,6 +142,7 @@ class Chaos:
             self.counts["kills_without_ready_spare"] += 1
         workers = self.state()["workers"]
         w = self.rng.choice(workers)
+        self.in_flight_at_faults.append(self.in_flight)
         os.kill(w["pid"], signal.SIGKILL)
         killed = time.monotonic()
         self.counts["kills"] += 1
@@ -153,6 +162,7 @@ class Chaos:
 
     async def stall(self) -> None:
         w = self.rng.choice(self.state()["workers"])
+        self.in_flight_at_faults.append(self.in_flight)
         os.kill(w["pid"], signal.SIGSTOP)
         self.counts["stalls"] += 1
         try:
@@ -165,6 +175,7 @@ class Chaos:
         cmd = serve_command() + ["cluster", "reload", "--port", str(self.port), "--runtime-dir", str(self.rdir)]
         if model:
             cmd += ["--model", str(model)]
+        self.in_flight_at_faults.append(self.in_flight)
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
                                                     stderr=asyncio.subprocess.PIPE)
         out, err = await proc.communicate()
@@ -182,14 +193,18 @@ class Chaos:
         await self.wait_all_up(120)
 
     async def events(self, until: float) -> None:
+        """Rounds of every kind of event in a random order until `until`; the first round always runs whole, so
+        that each kind happens at least once however short the run."""
         kinds = [self.kill, self.stall, self.reload, lambda: self.reload(self.broken)]
+        first = True
         while True:
             self.rng.shuffle(kinds)
             for event in kinds:
                 await asyncio.sleep(self.rng.uniform(1.0, 4.0))
-                if time.monotonic() >= until:
+                if time.monotonic() >= until and not first:
                     return
                 await event()
+            first = False
 
     async def run(self, jobs: Iterator[Job]) -> dict[str, Any]:
         self.start()
@@ -215,19 +230,13 @@ class Chaos:
                 "restart_max_s": round(max(self.restart_s), 2) if self.restart_s else None,
                 "p50_ms": percentile(lat, 50), "rss_start_mb": round(rss_start, 1), "rss_end_mb": round(rss_end, 1),
                 "kills_without_ready_spare": self.counts["kills_without_ready_spare"],
+                "in_flight_at_faults": self.in_flight_at_faults,
                 "minutes": self.args.minutes, "workers": self.args.workers, "concurrency": self.args.concurrency,
                 "failure_kinds": dict(self.failures.most_common(5)), "problems": self.problems}
 
     def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        """SIGTERM, then SIGKILL after 120 s; nothing it started is left (the one launcher's stop)."""
+        return None if self.proc is None else stop_process(self.proc, timeout=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,9 @@ from aiohttp import web
 
 from vqa_async import __version__
 from vqa_async.http import handlers
+from vqa_async.http.app_keys import SERVICE, SETTINGS
 from vqa_async.http.errors import ApiError, json_response
 from vqa_async.http.handlers import ask, image_header
-from vqa_async.http.app_keys import SERVICE, SETTINGS
 from vqa_async.http.parse import VqaInput, check_length, check_questions, named_image, within_body_timeout
 from vqa_async.http.v2_tensors import ANSWER, BYTES, HEADER_LENGTH, IMAGE, QUESTION, infer_response, read_infer_request
 
