@@ -14,7 +14,7 @@ run: install system  ## the main job: the HAProxy cluster on the demo model at h
 serve: install  ## one process, no HAProxy
 	$(VENV)/bin/vqa-async serve --port $(PORT)
 
-test: install-test system  ## the whole suite (CI runs exactly this)
+test: install-test system image-if-missing  ## the whole suite (CI runs exactly this)
 	$(VENV)/bin/ruff check vqa_async tests bench tools
 	$(VENV)/bin/mypy vqa_async
 	$(PY) -m pytest
