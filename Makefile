@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 WORKERS ?= 2
 PORT ?= 8080
 
-.PHONY: run serve test test-fast bench docs system install install-test
+.PHONY: run serve test test-fast bench docs system install install-test image image-if-missing
 
 run: install system  ## the main job: the HAProxy cluster on the demo model at http://127.0.0.1:$(PORT)
 	$(VENV)/bin/vqa-async cluster --workers $(WORKERS) --port $(PORT)
@@ -14,7 +14,7 @@ run: install system  ## the main job: the HAProxy cluster on the demo model at h
 serve: install  ## one process, no HAProxy
 	$(VENV)/bin/vqa-async serve --port $(PORT)
 
-test: install-test system docs  ## the whole suite (CI runs exactly this; under CI=true a skipped tool fails it)
+test: install-test system docs image-if-missing  ## the whole suite (CI runs exactly this; under CI=true a skipped tool fails it)
 	$(VENV)/bin/ruff check vqa_async tests bench tools
 	$(VENV)/bin/mypy vqa_async
 	$(PY) -m pytest
@@ -56,3 +56,44 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+
+# The container image (deploy/Containerfile, docs/container.md), CPU variant, built with podman on this box:
+# `make image`. The GPU variant is the same file with its default base (the CUDA runtime image), built where a
+# registry is reachable. What is specific to this kind of machine stays here, not in the Containerfile:
+# - podman's settings for its cgroups and rlimits (deploy/podman/containers.conf: runc, no default ulimits);
+# - the base: Debian bookworm made from Debian's packages by mmdebstrap and imported, as no registry answers;
+# - pip inside the build: the proxy's CA bundle and the local wheel folders (`pip config list`), mounted
+#   read-only, named by a pip.conf written here and mounted at /etc/pip.conf for the build only.
+IMAGE ?= localhost/vqa-async:cpu
+IMAGE_BASE ?= localhost/debian:bookworm-minbase
+IMAGE_BUILD := build/image
+PODMAN := CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf podman
+IMAGE_PIP_CA ?= /etc/ssl/certs/ca-certificates.crt
+# find-links: local wheels win over an index's copy of the same file (the torch wheels: 2.7 GB with CUDA's).
+IMAGE_PIP_FIND_LINKS ?= $(wildcard /opt/wheels /opt/pypi-more/files /opt/pypi/files)
+IMAGE_PIP_INDEXES ?= $(patsubst %,file://%,$(wildcard /opt/pypi/simple /opt/pypi-more/simple))
+IMAGE_MOUNTS = $(foreach d,$(IMAGE_PIP_FIND_LINKS) $(patsubst file://%,%,$(IMAGE_PIP_INDEXES)),-v $(d):$(d):ro) \
+	$(if $(wildcard $(IMAGE_PIP_CA)),-v $(IMAGE_PIP_CA):/run/build-ca.crt:ro) \
+	-v $(CURDIR)/$(IMAGE_BUILD)/pip.conf:/etc/pip.conf:ro
+
+image:  ## the CPU image $(IMAGE) (podman; installs podman, runc and mmdebstrap if missing)
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap >/dev/null; }
+	mkdir -p $(IMAGE_BUILD)
+	@if [ "$(IMAGE_BASE)" = localhost/debian:bookworm-minbase ] && ! $(PODMAN) image exists $(IMAGE_BASE); then \
+	  echo "making $(IMAGE_BASE) from Debian's packages (mmdebstrap)"; \
+	  mmdebstrap --variant=minbase --quiet bookworm $(IMAGE_BUILD)/base.tar \
+	  && $(PODMAN) import -q $(IMAGE_BUILD)/base.tar $(IMAGE_BASE) && rm -f $(IMAGE_BUILD)/base.tar; fi
+	{ echo '[global]'; \
+	  $(if $(wildcard $(IMAGE_PIP_CA)),echo 'cert = /run/build-ca.crt';) \
+	  $(if $(IMAGE_PIP_FIND_LINKS),echo 'find-links = $(IMAGE_PIP_FIND_LINKS)';) \
+	  $(if $(IMAGE_PIP_INDEXES),echo 'extra-index-url = $(IMAGE_PIP_INDEXES)';) } > $(IMAGE_BUILD)/pip.conf
+	$(PODMAN) build --network host -f deploy/Containerfile --ignorefile deploy/podman/containerignore \
+	  --build-arg BASE=$(IMAGE_BASE) $(IMAGE_MOUNTS) -t $(IMAGE) .
+	@# the previous build of the tag, and the layers only it used
+	$(PODMAN) image prune -f >/dev/null
+	@$(PODMAN) image inspect --format '$(IMAGE): {{.Size}} bytes' $(IMAGE)
+
+image-if-missing:  ## `make test` builds the image once (tests/test_container.py runs it)
+	@command -v podman >/dev/null && CONTAINERS_CONF=$(CURDIR)/deploy/podman/containers.conf podman image exists $(IMAGE) \
+	  || $(MAKE) image

@@ -35,6 +35,7 @@ def init_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[SERVICE] = VqaService(settings, app[METRICS])
+    app[METRICS].watch_waiting(app[SERVICE].waiting)
     app[AUTH] = Auth(KeyRing(settings.api_keys) if settings.api_keys else None, settings.trusted_networks,
                      settings.metrics_need_key)
     app[ACCESS_LOG] = access_log

@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own name: read when it is imported
 SUM_ROUTE = "/metrics/cluster"
@@ -83,6 +85,11 @@ class Metrics:
             self.stage_seconds.labels(stage)
             self.stage_cpu.labels(stage)
 
+    def watch_waiting(self, count: Callable[[], int]) -> None:
+        """`vqa_requests_waiting`, read from `count()` at each scrape: the signal to autoscale workers on
+        (deploy/kubernetes/autoscaling.yaml, docs/container.md)."""
+        self.registry.register(_Waiting(count))
+
     @contextmanager
     def stage(self, name: str, excluded: Callable[[], tuple[float, float]] | None = None) -> Iterator[None]:
         """Counts the wall and thread CPU time of the block under `vqa_stage_*_seconds{stage=name}`, less what
@@ -95,3 +102,17 @@ class Metrics:
             end_wall, end_cpu = excluded() if excluded else (0.0, 0.0)
             self.stage_seconds.labels(name).inc(max(0.0, time.perf_counter() - wall - (end_wall - ex_wall)))
             self.stage_cpu.labels(name).inc(max(0.0, time.thread_time() - cpu - (end_cpu - ex_cpu)))
+
+
+class _Waiting(Collector):
+    """Requests a worker has accepted that no model call has started yet (uploads being decoded, the queue, the
+    collector's lines), counted when scraped, so that a scrape between batches sees the backlog as it is (the
+    `vqa_queue_depth` gauge is set when requests arrive and batches start). The worker's own `/metrics` only: an
+    autoscaler reads it per pod; under `vqa-async cluster` the front's sum keeps `vqa_queue_depth`."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self.count = count
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("vqa_requests_waiting", "requests accepted and not yet in a model call "
+                                "(decoding, queued); per worker: the autoscaling signal", value=self.count())

@@ -112,3 +112,31 @@ def test_systemd_unit_verifies_and_its_command_parses(tmp_path: Path) -> None:
     here.write_text(unit.replace(exec_start.group(1), tool("vqa-async")))
     done = subprocess.run(["systemd-analyze", "verify", "--man=no", str(here)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_autoscaler_scales_the_workers_on_a_metric_they_export(demo_dir: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from vqa_async.app import init_app
+    from vqa_async.config import Settings
+    from vqa_async.http.keys import METRICS
+
+    m = manifests()
+    hpa, workers = m["HorizontalPodAutoscaler", "vqa-workers"], m["Deployment", "vqa-workers"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", workers["metadata"]["name"])
+    assert hpa["metadata"]["namespace"] == workers["metadata"]["namespace"]
+    assert "replicas" not in workers["spec"]  # the autoscaler owns the count; apply would reset it
+    assert hpa["spec"]["minReplicas"] >= 2  # one worker down (rollout, drain) must leave one answering
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+    name = metric["pods"]["metric"]["name"]
+    # The worker's own /metrics has that series, unlabelled (one value per pod).
+    app = init_app(Settings(model=str(demo_dir), device="cpu"))
+    page = generate_latest(app[METRICS].registry).decode()
+    assert re.search(rf"^{name} 0\.0$", page, re.M), page
+    # ...and Prometheus scrapes the port that serves it.
+    annotations = workers["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == container(workers)["ports"][0]["containerPort"]

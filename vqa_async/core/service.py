@@ -85,6 +85,11 @@ class VqaService:
         self._probe: asyncio.Future[None] | None = None
         self._probe_at = 0.0
 
+    def waiting(self) -> int:
+        """Requests accepted and not yet in a model call: uploads being decoded, the queue and the collector's
+        lines (the autoscaling signal, `vqa_requests_waiting`)."""
+        return self._incoming + self.collector.pending()
+
     @property
     def model_name(self) -> str:
         return self.loaded.name if self.loaded else "?"
