@@ -11,7 +11,7 @@ from aiohttp import FormData
 
 from vqa_async.app import init_app
 from vqa_async.config import Settings
-from vqa_async.http.keys import METRICS
+from vqa_async.http.app_keys import METRICS
 
 BATCH = 2
 REQUESTS = 24
