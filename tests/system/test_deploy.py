@@ -119,7 +119,7 @@ def test_the_autoscaler_scales_the_workers_on_a_metric_they_export(demo_dir: Pat
 
     from vqa_async.app import init_app
     from vqa_async.config import Settings
-    from vqa_async.http.keys import METRICS
+    from vqa_async.http.app_keys import METRICS
 
     m = manifests()
     hpa, workers = m["HorizontalPodAutoscaler", "vqa-workers"], m["Deployment", "vqa-workers"]
