@@ -94,7 +94,7 @@ class Containers:
 
     def remove_all(self) -> None:
         for name in self.names:
-            podman("rm", "-f", "-t", "0", name, check=False)
+            podman("rm", "-f", "-v", "-t", "0", name, check=False)  # -v: the anonymous /models volume too
 
 
 def wait_for(done: Callable[[], bool], timeout: float, what: str) -> None:
@@ -170,6 +170,7 @@ def forms() -> list[Form]:
 
 @pytest.mark.timeout(600)
 def test_the_cluster_from_images(containers: Containers, demo_dir: Path, forms: list[Form]) -> None:
+    volumes_before = set(podman("volume", "ls", "-q").split())
     ports = [free_port(), free_port()]
     front_port = free_port_pair()  # the stats page takes port + 1
     workers = [containers.run(f"vqa-test-{os.getpid()}-worker{i}", "serve", "--host", "127.0.0.1", "--port", str(p),
@@ -259,3 +260,4 @@ def test_the_cluster_from_images(containers: Containers, demo_dir: Path, forms: 
         assert containers.exit_code(name) == 0, containers.logs(name)[-2000:]
     containers.remove_all()
     assert ours() == []
+    assert set(podman("volume", "ls", "-q").split()) <= volumes_before  # the front's anonymous /models volume
