@@ -17,18 +17,15 @@ from cluster_support import start_cluster, stop_cluster
 from otlp_receiver import Receiver, otlp_receiver
 
 from bench.lib.loadgen import easy_vqa_requests
+from vqa_async.testing.http import multipart
 
 TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-01")
 
 
 def post(url: str, image: bytes, question: str, headers: dict[str, str]) -> dict[str, str]:
-    boundary = uuid.uuid4().hex
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-            "Content-Type: image/png\r\n\r\n").encode() + image + (
-        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="question"\r\n\r\n{question}\r\n'
-        f"--{boundary}--\r\n").encode()
-    req = urllib.request.Request(url + "/v1/vqa", data=body, headers={
-        "Content-Type": f"multipart/form-data; boundary={boundary}", **headers})
+    form = multipart(image, [question])  # the one multipart builder
+    req = urllib.request.Request(url + "/v1/vqa", data=form.body, headers={"Content-Type": form.content_type,
+                                                                          **headers})
     for _ in range(3):  # as a client does on a 503 with Retry-After (a shared box can starve the one worker)
         try:
             with urllib.request.urlopen(req, timeout=60) as r:

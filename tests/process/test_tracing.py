@@ -27,6 +27,7 @@ from vqa_async.config import Settings
 from vqa_async.otel import hooks
 from vqa_async.otel.live import LiveTracing
 from vqa_async.testing import launch
+from vqa_async.testing.http import multipart
 
 REQUEST_CHILDREN = {"read upload", "decode", "queue wait", "response"}
 
@@ -117,13 +118,9 @@ def start_serve(demo_dir: Path, tmp: Path, env: dict[str, str], import_times: bo
 
 
 def post(url: str, image: bytes, question: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
-    boundary = uuid.uuid4().hex
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
-            "Content-Type: image/png\r\n\r\n").encode() + image + (
-        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="question"\r\n\r\n{question}\r\n'
-        f"--{boundary}--\r\n").encode()
-    req = urllib.request.Request(url + "/v1/vqa", data=body, headers={
-        "Content-Type": f"multipart/form-data; boundary={boundary}", **headers})
+    form = multipart(image, [question])  # the one multipart builder
+    req = urllib.request.Request(url + "/v1/vqa", data=form.body, headers={"Content-Type": form.content_type,
+                                                                          **headers})
     with urllib.request.urlopen(req, timeout=60) as r:
         r.read()
         return r.status, dict(r.headers)
